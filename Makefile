@@ -1,0 +1,24 @@
+# Two commands for a newcomer; each installs what is missing first (a .venv in this folder).
+#   make run    generate from the bundled tiny model (made on first use)
+#   make test   the test suite (heavy cases are marked slow; `make test-all` runs them too)
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): setup.py constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/hybrid generate --prompt "Hello, who are you?" --max-new-tokens 24
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m ""
+
+.PHONY: install run test test-all

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="k2-hybrid",
+    version="0.1.0",
+    description="CPU/GPU hybrid offload runtime for Kimi K2 and DeepSeek-V3 MoE models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hybrid", "hybrid.*", "cpu_experts", "cpu_experts.*", "gpu_attn",
+                                    "gpu_attn.*", "quant", "quant.*", "bench", "bench.*"]),
+    package_data={"hybrid": ["data/*.txt"]},
+    install_requires=[
+        "torch>=2.4",          # the README's install pins torch==2.13.0 through constraints.txt (CPU build)
+        "numpy>=1.26",
+        "numba>=0.60",
+        "safetensors>=0.4",
+        "psutil>=5.9",
+        "tiktoken>=0.7",       # K2's own tokenizer runs on tiktoken: bit-identical encoding of the release
+        "regex>=2023.0",       # K2's pre-tokenizer pattern needs V1 class intersection (&&) for checks
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=5.0"],   # transformers: the test-only oracle
+        "bench": ["llama-cpp-python>=0.3"],
+    },
+    entry_points={"console_scripts": ["hybrid=hybrid.cli:main", "hybrid-quant=quant.cli:main"]},
+)
