@@ -1,0 +1,113 @@
+"""Multi-head Latent Attention (MLA) with a compressed KV cache.
+
+T = new tokens, S = cached + new tokens, nh = heads, dn/dr/dv = nope/rope/value head dims, r = kv_lora_rank.
+
+Per token and layer the cache holds only c_kv (r values, after kv_a_layernorm) and k_pe (dr values, after
+RoPE): 576 values for K2, 35.6x less than per-head K/V. Two equivalent ways to attend over it:
+- prefill form ("naive"): expand K_nope and V for every cached token through kv_b_proj, then attend;
+  cheap when T is large (the expansion is shared by many queries);
+- absorbed decode form: fold kv_b_proj's K half into the query (q_abs = q_nope W_UK, [T, nh, r]) and its
+  V half into the output (o = (A c) W_UV^T), so attention runs directly over the cache, like MQA with one
+  576-wide KV head; cheap when T is small. Exact: the same dot products in another order.
+Both use softmax_scale = dq^-0.5 * yarn_mscale^2 (not r^-0.5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import YarnRope
+
+
+class MLACache:
+    """Compressed KV cache for all layers: kv [layers, max_len, r + dr] (c_kv | k_pe), preallocated."""
+
+    def __init__(self, n_layers: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.kv = torch.zeros(n_layers, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def layer(self, i: int) -> torch.Tensor:
+        return self.kv[i]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class MLA(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, q_lora_rank: int | None, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
+                 rope: YarnRope):
+        super().__init__()
+        self.nh, self.r = n_heads, kv_lora_rank
+        self.dn, self.dr, self.dv = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.scale = softmax_scale
+        self.rope = rope
+        dq = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:   # V2-Lite style: no query compression
+            self.q_proj = nn.Linear(hidden, n_heads * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6)   # class default eps in every implementation
+            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * v_head_dim, hidden, bias=False)
+
+    def _query(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.nh, self.dn + self.dr)
+        return q[..., : self.dn], self.rope.apply(q[..., self.dn:], pos)          # [T,nh,dn], [T,nh,dr]
+
+    def compress(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> cache rows [T, r + dr]: normed c_kv | roped k_pe."""
+        ckv = self.kv_a_proj_with_mqa(x)
+        c = self.kv_a_layernorm(ckv[:, : self.r])
+        return torch.cat([c, self.rope.apply(ckv[:, self.r:], pos)], dim=-1)
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: torch.Tensor | None = None,
+                absorbed: bool = False) -> torch.Tensor:
+        """x [T, H] at positions start..start+T-1 -> [T, H].
+
+        cache: this layer's [max_len, r + dr] rows (MLACache.layer); rows start..start+T-1 are written,
+        rows 0..start+T-1 are attended. Without a cache (start must be 0) only x itself is attended.
+        """
+        T = x.shape[0]
+        pos = torch.arange(start, start + T, device=x.device)
+        q_nope, q_pe = self._query(x, pos)
+        rows = self.compress(x, pos)
+        if cache is not None:
+            cache[start:start + T] = rows.to(cache.dtype)
+            rows = cache[: start + T].to(x.dtype)
+        elif start:
+            raise ValueError("MLA.forward: start > 0 needs the cache holding the earlier tokens")
+        S = rows.shape[0]
+        mask = None
+        if T > 1:   # causal over absolute positions; a single new token sees everything cached
+            mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]               # [T, S]
+        attend = self._absorbed if absorbed else self._expanded
+        o = attend(q_nope, q_pe, rows, mask)                                              # [T, nh, dv]
+        return self.o_proj(o.reshape(T, self.nh * self.dv))
+
+    def _expanded(self, q_nope, q_pe, rows, mask):
+        S = rows.shape[0]
+        kv = self.kv_b_proj(rows[:, : self.r]).view(S, self.nh, self.dn + self.dv)
+        k = torch.cat([kv[..., : self.dn], rows[:, None, self.r:].expand(S, self.nh, self.dr)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                           kv[..., self.dn:].transpose(0, 1), attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)
+
+    def _absorbed(self, q_nope, q_pe, rows, mask):
+        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.r)
+        q_abs = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])                    # [T, nh, r]
+        q = torch.cat([q_abs, q_pe], dim=-1).transpose(0, 1)                             # [nh, T, r+dr]
+        S = rows.shape[0]
+        k = rows[None].expand(self.nh, S, self.r + self.dr)                              # one shared KV head
+        v = rows[None, :, : self.r].expand(self.nh, S, self.r)
+        lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [nh, T, r]
+        return torch.einsum("htr,hdr->thd", lat, w[:, self.dn:])                         # [T, nh, dv]

@@ -1,0 +1,177 @@
+"""hybrid.load: a model folder -> a ready Engine.
+
+Steps: read config.json -> open the checkpoint lazily and check its tensor names against the config ->
+build the modules on the meta device -> fill them tensor by tensor (dequantizing block-FP8) on the device
+-> build the routed-expert backend -> tokenizer if present.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from gpu_attn import YarnRope
+from quant.checkpoint import Checkpoint
+from quant.errors import CheckpointError
+
+from .config import ModelConfig
+from .engine import Engine
+from .experts import CpuExperts, TorchExperts
+from .model import K2Model, set_tensor
+from .moe import MoE
+from .weights import dense_tensors, expert_names, expert_shapes, expert_tensors, is_ignored
+
+EXPERT_FORMATS = ("int4", "fp8", "bf16")
+EXPERT_CHOICES = ("auto", *EXPERT_FORMATS, "torch")
+# The router runs in float32 whatever the compute dtype (as the reference implementations keep it).
+_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; "
+                         f"use device='cpu' (or 'auto')")
+    if d.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
+    return d
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto', 'float32' or 'bfloat16'")
+    return table[dtype]
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    return n or os.cpu_count() or 1
+
+
+def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", gpu_expert_budget=0,
+         prefetch: str = "auto", threads: int | None = None, dtype: str = "auto") -> Engine:
+    """Load a K2 / DeepSeek-V3 model folder and return an Engine.
+
+    Args:
+        model_dir: an HF checkpoint folder (config.json, safetensors shards; BF16 or block-FP8).
+        device: "auto" (CUDA if present, else CPU), "cpu" or "cuda[:N]": where attention, router, shared
+            expert, dense layers and lm_head run.
+        experts: routed-expert format on the CPU: "int4", "fp8", "bf16", or "auto" (the checkpoint's own:
+            fp8 for a block-FP8 release, bf16 otherwise); "torch" runs them as dequantized torch weights on
+            the device (the reference path).
+        gpu_expert_budget, prefetch: the device hot set (not built yet: only 0 / "auto" / "off").
+        threads: CPU threads for expert kernels and host-side torch (default: physical cores).
+        dtype: device compute dtype; "auto" = bfloat16 on CUDA, float32 on CPU.
+    Returns:
+        Engine with forward(ids), generate(ids, ...), stats().
+    Example:
+        >>> eng = hybrid.load("tiny-k2", device="cpu")
+        >>> eng.generate([1, 2, 3], max_new_tokens=8)
+    """
+    if experts not in EXPERT_CHOICES:
+        raise ValueError(f"experts={experts!r} is not one of {', '.join(EXPERT_CHOICES)}")
+    if gpu_expert_budget not in (0, "0", None) or prefetch not in ("auto", "off"):
+        raise NotImplementedError("the GPU expert hot set (gpu_expert_budget, prefetch) is not built yet; "
+                                  "use gpu_expert_budget=0 and prefetch='auto' or 'off'")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist; make one with "
+                                f"`hybrid make-tiny --out {model_dir}` or point at an HF checkpoint folder")
+    cfg = ModelConfig.from_file(model_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    fmt = ("fp8" if cfg.is_fp8_checkpoint else "bf16") if experts == "auto" else experts
+    with Checkpoint.open(model_dir) as ckpt:
+        _check_names(cfg, ckpt)
+        model = _build_model(cfg, ckpt, dev, dt)
+        backend = _build_experts(cfg, ckpt, fmt, dev, dt, threads)
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.experts = backend
+    info = {"experts": fmt, "experts_tier": "device" if fmt == "torch" else "cpu", "threads": threads,
+            "model_dir": str(model_dir)}
+    return Engine(cfg, model, backend, _tokenizer(model_dir), dev, dt, info)
+
+
+def _check_names(cfg: ModelConfig, ckpt: Checkpoint) -> None:
+    expected = set(dense_tensors(cfg))
+    for layer in cfg.moe_layers:
+        expected.update(expert_tensors(cfg, layer))
+    present = set(ckpt.names)
+    missing = sorted(expected - present)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"{ckpt.model_dir}: tensor {missing[0]!r} is missing{' (also ' + ', '.join(missing[1:3]) + more + ')' if len(missing) > 1 else ''}; "
+            f"the config.json says the model has it. The checkpoint is incomplete or does not match config.json")
+    unexpected = sorted(n for n in present - expected if not is_ignored(cfg, n))
+    if unexpected:
+        raise CheckpointError(
+            f"{ckpt.file_of(unexpected[0])}: tensor {unexpected[0]!r} is not part of the model config.json "
+            f"describes ({len(unexpected)} such tensors); config.json does not match the weights")
+
+
+def _build_model(cfg: ModelConfig, ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> K2Model:
+    r = cfg.rope
+    rope = YarnRope(cfg.qk_rope_head_dim, r.theta, r.type, r.factor, r.original_max_position_embeddings,
+                    r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim,
+                    max_positions=min(cfg.max_position_embeddings, 8192), device=dev)
+    with torch.device("meta"):
+        model = K2Model(cfg, rope)
+    for name, spec in dense_tensors(cfg).items():
+        want = torch.float32 if name.endswith(_FP32_SUFFIXES) else dt
+        set_tensor(model, name, ckpt.get(name, dtype=want, expect_shape=spec.shape).to(dev))
+    return model.eval()
+
+
+def _build_experts(cfg, ckpt, fmt, dev, dt, threads):
+    shapes = expert_shapes(cfg)
+    if fmt == "torch":
+        weights = {}
+        for layer in cfg.moe_layers:
+            mats = [[], [], []]
+            for e in range(cfg.n_routed_experts):
+                for k, (name, shape) in enumerate(zip(expert_names(layer, e), shapes)):
+                    mats[k].append(ckpt.get(name, dtype=dt, expect_shape=shape).to(dev))
+            weights[layer] = tuple(torch.stack(m) for m in mats)
+        return TorchExperts(weights)
+    from cpu_experts import CpuMoE, LayerStore, StoreSpec
+    spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
+
+    def source(layer, e):
+        out = {}
+        for key, name, shape in zip(("gate", "up", "down"), expert_names(layer, e), shapes):
+            if ckpt.is_fp8(name):
+                if tuple(ckpt.shape(name)) != shape:
+                    ckpt.get(name, expect_shape=shape)   # raises the shape error naming file and tensor
+                out[key] = ckpt.get_fp8(name)
+            else:
+                out[key] = ckpt.get(name, dtype=torch.float32, expect_shape=shape).numpy()
+        return out
+
+    stores = {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source(L, e))
+              for layer in cfg.moe_layers}
+    return CpuExperts(CpuMoE(stores, threads=threads))
+
+
+def _tokenizer(model_dir: Path):
+    from .tokenizer import Tokenizer, TokenizerMissing
+    try:
+        return Tokenizer.from_dir(model_dir)
+    except TokenizerMissing:
+        return None
