@@ -102,7 +102,10 @@ def write_sharded(model_dir, tensors: Iterable[tuple[str, torch.Tensor]] | Mappi
         if not temps:
             raise ValueError("no tensors to write; a checkpoint needs at least one")
         shards = [folder / _shard_name(i, len(temps)) for i in range(1, len(temps) + 1)]
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, final in zip(temps, shards):
+            os.chmod(tmp, 0o666 & ~umask)   # save_file's temp files are private (0600); shards are not
             os.replace(tmp, final)
         weight_map = {n: s.name for s, group in zip(shards, names) for n in group}
         _replace_json(folder / INDEX_NAME,

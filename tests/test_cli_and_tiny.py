@@ -1,0 +1,103 @@
+"""make-tiny determinism, the generate CLI (text and --json), sampling."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hybrid
+from hybrid.sampler import sample
+from hybrid.tiny import make_tiny
+
+
+def _digest(d):
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_make_tiny_is_deterministic_and_seeded(tmp_path):
+    a = make_tiny(tmp_path / "a", seed=3)
+    b = make_tiny(tmp_path / "b", seed=3)
+    c = make_tiny(tmp_path / "c", seed=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+    assert sum(p.stat().st_size for p in a.iterdir()) < 8 * 2**20      # "a few MB"
+    assert len(list(a.glob("model-*-of-*.safetensors"))) >= 3            # several shards + index
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_tiny(a)
+
+
+def test_tiny_is_block_fp8_like_the_release(tiny_models):
+    from quant.checkpoint import Checkpoint
+    with Checkpoint.open(tiny_models("k2", "fp8")) as ck:
+        assert ck.is_fp8("model.layers.1.mlp.experts.0.gate_proj.weight")
+        assert ck.is_fp8("model.layers.0.self_attn.kv_a_proj_with_mqa.weight")      # 48 rows: a ragged block
+        assert not ck.is_fp8("model.layers.1.mlp.gate.weight")                      # router stays bf16
+        assert ck.dtype("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
+        assert ck.get("model.layers.1.mlp.gate.e_score_correction_bias").abs().min() > 0
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "hybrid", *args], capture_output=True, text=True, env=env)
+
+
+def test_generate_json(tiny_models):
+    r = _cli("generate", "--model", str(tiny_models("k2", "fp8")), "--prompt-ids", "1,2,3",
+             "--max-new-tokens", "5", "--json", "--experts", "torch")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) == 5 and isinstance(out["text"], str)
+    s = out["stats"]
+    assert s["decode_tokens"] == 5 and s["prefill_tokens"] == 3
+    assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
+    act = s["expert_activations"]
+    # 2 MoE layers x top-4, for 3 prompt tokens and 4 decode steps (the 5th token needs no forward)
+    assert act["total"] == 2 * 4 * (3 + 4) == act["hot_set"] + act["cpu"] + act["device"]
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_generate_defaults_to_tiny_model(tmp_path):
+    r = _cli("generate", "--prompt", "Hi", "--max-new-tokens", "3", "--experts", "torch",
+             env_extra={"HYBRID_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tiny-fp8-seed0" / "config.json").is_file()
+
+
+def test_prompt_text_without_tokenizer_is_a_clear_error(tmp_path):
+    d = make_tiny(tmp_path / "m", tokenizer=False)
+    eng = hybrid.load(d, device="cpu", experts="torch")
+    assert eng.tokenizer is None and len(eng.generate([1, 2], 2)) == 2
+    r = _cli("generate", "--model", str(d), "--prompt", "hello")
+    assert r.returncode == 2 and "--prompt-ids" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_seeded_sampling_is_reproducible(tiny_models):
+    eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
+    a = eng.generate([1, 2, 3], 12, temperature=1.0, seed=7, stop_ids=())
+    b = eng.generate([1, 2, 3], 12, temperature=1.0, seed=7, stop_ids=())
+    c = eng.generate([1, 2, 3], 12, temperature=1.0, seed=8, stop_ids=())
+    assert a == b != c
+
+
+def test_sampler_top_p_keeps_the_nucleus():
+    logits = torch.tensor([5.0, 4.0, -10.0, -10.0])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, 1.0, 0.5, g) for _ in range(50)}
+    assert picks == {0}                      # the first token alone holds > 50 % of the mass
+    picks = {sample(logits, 1.0, 0.99, g) for _ in range(200)}
+    assert picks == {0, 1}
+    assert sample(logits, 0.0) == 0
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, 1.0, 0.0)
+
+
+def test_stop_ids_end_generation(tiny_models):
+    eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
+    free = eng.generate([1, 2, 3], 8, stop_ids=())
+    stopped = eng.generate([1, 2, 3], 8, stop_ids=(free[2],))
+    assert stopped == free[: free.index(free[2]) + 1]
