@@ -16,9 +16,12 @@ setup(
         "psutil>=5.9",
         "tiktoken>=0.7",       # K2's own tokenizer runs on tiktoken: bit-identical encoding of the release
         "regex>=2023.0",       # K2's pre-tokenizer pattern needs V1 class intersection (&&) for checks
+        "fastapi>=0.110",      # `hybrid serve`: a standard ASGI stack instead of a hand-written HTTP server
+        "uvicorn>=0.29",
+        "gguf>=0.10",          # `hybrid-quant export-gguf`: llama.cpp's own writer, so names/keys match it
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.0"],   # transformers: the test-only oracle
+        "test": ["pytest>=8", "transformers>=5.0", "openai>=1.0", "httpx>=0.27"],  # transformers: test-only oracle
         "bench": ["llama-cpp-python>=0.3"],
     },
     entry_points={"console_scripts": ["hybrid=hybrid.cli:main", "hybrid-quant=quant.cli:main"]},

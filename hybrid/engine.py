@@ -51,8 +51,9 @@ class Engine:
                  on_token: Callable[[int], None] | None = None) -> list[int]:
         """New token ids (the prompt excluded), decoded with the compressed KV cache.
 
-        Stops after max_new_tokens or at a stop id (default: the config's eos and, when a tokenizer is
-        present, its stop tokens such as <|im_end|>); a stop id is included in the result.
+        Stops after max_new_tokens, at a stop id (default: the config's eos and, when a tokenizer is
+        present, its stop tokens such as <|im_end|>; a stop id is included in the result), or when
+        on_token(tok) returns False (that token is included).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -74,8 +75,8 @@ class Engine:
             while len(out) < max_new_tokens:
                 tok = sample(logits, temperature, top_p, gen)
                 out.append(tok)
-                if on_token is not None:
-                    on_token(tok)
+                if on_token is not None and on_token(tok) is False:
+                    break        # the caller (e.g. a server whose client left, or a stop string) ends it
                 if tok in stop or len(out) == max_new_tokens:
                     break
                 h = self.model.hidden(torch.tensor([tok], device=self.device), pos, cache, absorbed=True)
