@@ -34,6 +34,8 @@ class Engine:
         self.device, self.dtype, self.info = device, dtype, info
         self.prefill_chunk = prefill_chunk
         self._routed = 0
+        self._phase = "prefill"
+        self._route_listeners: list[Callable] = []
         for layer in model.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.on_route = self._count_route
@@ -43,6 +45,7 @@ class Engine:
     def forward(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits [len(ids), vocab] float32 (on the host) of a fresh sequence, prefill form, no cache."""
         x = self._check_ids(ids, 0)
+        self._phase = "prefill"
         with torch.inference_mode():
             return self.model.logits(self.model.hidden(x)).cpu()
 
@@ -66,12 +69,14 @@ class Engine:
         out: list[int] = []
         with torch.inference_mode():
             t0 = time.perf_counter()
+            self._phase = "prefill"
             for start in range(0, len(x), self.prefill_chunk):
                 h = self.model.hidden(x[start:start + self.prefill_chunk], start, cache)
             logits = self.model.logits(h[-1:])[0]
             self._time("prefill", len(x), t0)
             pos = len(x)
             t0 = time.perf_counter()
+            self._phase = "decode"
             while len(out) < max_new_tokens:
                 tok = sample(logits, temperature, top_p, gen)
                 out.append(tok)
@@ -103,6 +108,12 @@ class Engine:
         s["expert_backend"] = self.experts.stats()
         return s
 
+    def add_route_listener(self, fn: Callable[[int, torch.Tensor, torch.Tensor, str], None]) -> Callable[[], None]:
+        """Call fn(layer, topk_ids [T, k], topk_weights [T, k], phase) for every MoE layer's routing, where
+        phase is "prefill" or "decode" (profiling, tracing). Returns a function that removes it."""
+        self._route_listeners.append(fn)
+        return lambda: self._route_listeners.remove(fn)
+
     def reset_stats(self) -> None:
         self._stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
         self._routed = 0
@@ -125,6 +136,8 @@ class Engine:
 
     def _count_route(self, layer, ids, w) -> None:
         self._routed += int((ids >= 0).sum())
+        for fn in self._route_listeners:
+            fn(layer, ids, w, self._phase)
 
     def _time(self, phase: str, n: int, t0: float) -> None:
         if self.device.type == "cuda":
