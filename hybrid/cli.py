@@ -1,4 +1,4 @@
-"""`hybrid` command line: generate, make-tiny."""
+"""`hybrid` command line: generate, serve, make-tiny."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weights", default="fp8", choices=["fp8", "bf16"], help="fp8 = as the K2 release stores them")
     t.set_defaults(func=cmd_make_tiny)
+
+    from .server import add_serve_parser
+    add_serve_parser(sub)
     return p
 
 

@@ -1,0 +1,72 @@
+"""Prometheus text for /metrics: requests by endpoint and status, tokens, queue depth, engine speed and
+where routed experts ran (the device hot-set hit rate), from the worker's counters and the engine stats
+the worker thread snapshots after each job (the engine itself is never touched from the event loop)."""
+from __future__ import annotations
+
+import collections
+import threading
+
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class RequestCounter:
+    """HTTP responses counted by (endpoint, status); unknown paths count as "other"."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, path: str, status: int) -> None:
+        with self._lock:
+            self.counts[(path if path in _ENDPOINTS else "other", status)] += 1
+
+    class Middleware:
+        """Pure ASGI (not BaseHTTPMiddleware, which would get between a stream and its disconnect)."""
+
+        def __init__(self, app, counter: "RequestCounter"):
+            self.app, self.counter = app, counter
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+
+            async def counted(message):
+                if message["type"] == "http.response.start":
+                    self.counter.add(scope["path"], message["status"])
+                await send(message)
+            await self.app(scope, receive, counted)
+
+
+def _metric(lines: list, name: str, kind: str, help_: str, samples) -> None:
+    lines += [f"# HELP hybrid_{name} {help_}", f"# TYPE hybrid_{name} {kind}"]
+    for labels, value in samples:
+        lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"hybrid_{name}{{{lab}}} {value}" if lab else f"hybrid_{name} {value}")
+
+
+def prometheus_text(worker, counter: RequestCounter) -> str:
+    s, c = worker.engine_stats, worker.counts
+    running, waiting = worker.depth()
+    act = s.get("expert_activations") or {}
+    total = act.get("total", 0)
+    lines: list[str] = []
+    with counter._lock:
+        reqs = sorted(counter.counts.items())
+    _metric(lines, "http_requests_total", "counter", "HTTP responses by endpoint and status code.",
+            [({"endpoint": p, "status": st}, n) for (p, st), n in reqs])
+    _metric(lines, "generations_total", "counter", "Generations by outcome.",
+            [({"outcome": k}, c[k]) for k in ("finished", "cancelled", "failed")])
+    _metric(lines, "prompt_tokens_total", "counter", "Prompt tokens of generations run.",
+            [({}, c["prompt_tokens"])])
+    _metric(lines, "completion_tokens_total", "counter", "Tokens generated.", [({}, c["completion_tokens"])])
+    _metric(lines, "queue_running", "gauge", "Generations running (0 or 1).", [({}, running)])
+    _metric(lines, "queue_waiting", "gauge", "Requests waiting for the engine.", [({}, waiting)])
+    _metric(lines, "tokens_per_second", "gauge", "Engine throughput since start, by phase.",
+            [({"phase": "prefill"}, float(s.get("prefill_tokens_per_s", 0.0))),
+             ({"phase": "decode"}, float(s.get("decode_tokens_per_s", 0.0)))])
+    _metric(lines, "expert_activations_total", "counter", "Routed-expert activations by where they ran.",
+            [({"tier": t}, act.get(t, 0)) for t in ("hot_set", "cpu", "device")])
+    _metric(lines, "expert_hot_set_hit_rate", "gauge",
+            "Share of routed-expert activations served from the device hot set.",
+            [({}, act.get("hot_set", 0) / total if total else 0.0)])
+    return "\n".join(lines) + "\n"
