@@ -1,4 +1,4 @@
-"""`hybrid-quant` command line (also `python -m quant`): inspect checkpoints.
+"""`hybrid-quant` command line (also `python -m quant`): inspect checkpoints, export GGUF.
 
 The conversion to the expert store (`convert`) is tracked as its own work item and is not here yet.
 """
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     i.add_argument("dir", type=Path)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+    from .gguf_export import add_export_parser
+    add_export_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)
