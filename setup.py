@@ -18,6 +18,7 @@ setup(
         "regex>=2023.0",       # K2's pre-tokenizer pattern needs V1 class intersection (&&) for checks
         "fastapi>=0.110",      # `hybrid serve`: a standard ASGI stack instead of a hand-written HTTP server
         "uvicorn>=0.29",
+        "matplotlib>=3.7",     # `hybrid profile` plots (PNG, Agg backend)
         "gguf>=0.10",          # `hybrid-quant export-gguf`: llama.cpp's own writer, so names/keys match it
     ],
     extras_require={

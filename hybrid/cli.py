@@ -1,4 +1,4 @@
-"""`hybrid` command line: generate, serve, make-tiny."""
+"""`hybrid` command line: generate, serve, profile, make-tiny."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .server import add_serve_parser
     add_serve_parser(sub)
+    from .profile_cli import add_profile_parser
+    add_profile_parser(sub)
     return p
 
 
