@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_engine import add_engine_options, load_engine
+
 
 def _ids(text: str) -> list[int]:
     try:
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text or token ids")
-    g.add_argument("--model", type=Path, help="model folder (default: the bundled tiny model, made on first use)")
+    add_engine_options(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (rendered with the K2 chat template unless --raw)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
@@ -33,13 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--experts", default="auto", choices=["auto", "int4", "fp8", "bf16", "torch"],
-                   help="routed-expert format on the CPU (auto = the checkpoint's own)")
-    g.add_argument("--gpu-expert-budget", default="0", help="device hot-set size (not built yet: 0 only)")
-    g.add_argument("--prefetch", default="auto", choices=["auto", "off", "static", "lru", "router"])
-    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    g.add_argument("--dtype", default="auto", help="device compute dtype: auto | float32 | bfloat16")
     g.add_argument("--json", action="store_true", help='print {"tokens", "text", "stats"} as one JSON object')
     g.set_defaults(func=cmd_generate)
 
@@ -58,13 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> int:
-    import hybrid
-    from .tiny import ensure_default_tiny
-    model_dir = a.model or ensure_default_tiny()
     if a.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    eng = hybrid.load(model_dir, device=a.device, experts=a.experts, gpu_expert_budget=_budget(a.gpu_expert_budget),
-                      prefetch=a.prefetch, threads=a.threads, dtype=a.dtype)
+    eng = load_engine(a)
+    model_dir = eng.info["model_dir"]
+    if not a.json:
+        print(eng.plan.describe(), file=sys.stderr)
     tok = eng.tokenizer
     if a.prompt_ids is not None:
         ids = a.prompt_ids
@@ -94,10 +88,6 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def _budget(text: str):
-    return int(text) if text.isdigit() else text
-
-
 def cmd_make_tiny(a) -> int:
     from .tiny import make_tiny
     out = make_tiny(a.out, preset=a.preset, seed=a.seed, weights=a.weights, quiet=a.preset == "tiny")
@@ -112,8 +102,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", UserWarning)   # unknown config fields etc.; errors below still print
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError,
-            NotImplementedError, KeyError) as e:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"hybrid: error: {msg}", file=sys.stderr)
         return 2

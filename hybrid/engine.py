@@ -45,9 +45,12 @@ class Engine:
     def forward(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits [len(ids), vocab] float32 (on the host) of a fresh sequence, prefill form, no cache."""
         x = self._check_ids(ids, 0)
-        self._phase = "prefill"
-        with torch.inference_mode():
-            return self.model.logits(self.model.hidden(x)).cpu()
+        self._set_phase("prefill")
+        try:
+            with torch.inference_mode():
+                return self.model.logits(self.model.hidden(x)).cpu()
+        finally:
+            self._end_request()
 
     def generate(self, ids: Sequence[int] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
@@ -69,14 +72,14 @@ class Engine:
         out: list[int] = []
         with torch.inference_mode():
             t0 = time.perf_counter()
-            self._phase = "prefill"
+            self._set_phase("prefill")
             for start in range(0, len(x), self.prefill_chunk):
                 h = self.model.hidden(x[start:start + self.prefill_chunk], start, cache)
             logits = self.model.logits(h[-1:])[0]
             self._time("prefill", len(x), t0)
             pos = len(x)
             t0 = time.perf_counter()
-            self._phase = "decode"
+            self._set_phase("decode")
             while len(out) < max_new_tokens:
                 tok = sample(logits, temperature, top_p, gen)
                 out.append(tok)
@@ -88,6 +91,7 @@ class Engine:
                 logits = self.model.logits(h)[0]
                 pos += 1
             self._time("decode", len(out), t0)
+        self._end_request()
         return out
 
     def default_stop_ids(self) -> tuple[int, ...]:
@@ -100,12 +104,16 @@ class Engine:
         s = dict(self._stats)
         s["prefill_tokens_per_s"] = _rate(s["prefill_tokens"], s["prefill_seconds"])
         s["decode_tokens_per_s"] = _rate(s["decode_tokens"], s["decode_seconds"])
-        tier = self.info.get("experts_tier", "cpu")
-        s["expert_activations"] = {"hot_set": 0, "cpu": 0, "device": 0, "total": self._routed}
-        s["expert_activations"][tier] = self._routed
+        backend = self.experts.stats()
+        act = {"hot_set": 0, "cpu": 0, "device": 0, "total": self._routed}
+        if "hot_set" in backend:      # HybridExperts splits activations itself
+            act["hot_set"], act["cpu"] = int(backend["hot_set"]), int(backend["cpu"])
+        else:
+            act[self.info.get("experts_tier", "cpu")] = self._routed
+        s["expert_activations"] = act
         s["experts"] = self.info.get("experts")
         s["device"] = str(self.device)
-        s["expert_backend"] = self.experts.stats()
+        s["expert_backend"] = backend
         return s
 
     def add_route_listener(self, fn: Callable[[int, torch.Tensor, torch.Tensor, str], None]) -> Callable[[], None]:
@@ -114,7 +122,14 @@ class Engine:
         self._route_listeners.append(fn)
         return lambda: self._route_listeners.remove(fn)
 
+    @property
+    def plan(self):
+        """The PlacementPlan this engine was loaded with."""
+        return self.info.get("plan")
+
     def reset_stats(self) -> None:
+        if hasattr(self.experts, "reset_stats"):
+            self.experts.reset_stats()
         self._stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
         self._routed = 0
 
@@ -133,6 +148,15 @@ class Engine:
                 f"prompt of {x.numel()} tokens plus max_new_tokens {max_new_tokens} exceeds the context of "
                 f"{limit} tokens (max_position_embeddings); shorten the prompt or lower max_new_tokens")
         return x.to(self.device)
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        if hasattr(self.experts, "set_phase"):
+            self.experts.set_phase(phase)
+
+    def _end_request(self) -> None:
+        if hasattr(self.experts, "end_request"):
+            self.experts.end_request()
 
     def _count_route(self, layer, ids, w) -> None:
         self._routed += int((ids >= 0).sum())

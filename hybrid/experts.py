@@ -21,6 +21,9 @@ class TorchExperts:
 
     def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self.weights = weights
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
         self.activations = 0
         self.seconds = 0.0
 

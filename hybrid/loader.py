@@ -1,8 +1,9 @@
 """hybrid.load: a model folder -> a ready Engine.
 
-Steps: read config.json -> open the checkpoint lazily and check its tensor names against the config ->
-build the modules on the meta device -> fill them tensor by tensor (dequantizing block-FP8) on the device
--> build the routed-expert backend -> tokenizer if present.
+Steps: check the options -> read config.json -> plan the placement -> open the checkpoint lazily and check
+its tensor names against the config -> build the modules on the meta device -> fill them tensor by tensor
+(dequantizing block-FP8) on the device -> build the routed-expert backend (hybrid/backends.py) ->
+tokenizer if present.
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ from quant.errors import CheckpointError
 
 from .config import ModelConfig
 from .engine import Engine
-from .experts import CpuExperts, TorchExperts
+from .backends import build_cpu_backend, build_stores, build_torch_experts
 from .model import K2Model, set_tensor
 from .moe import MoE
-from .weights import dense_tensors, expert_names, expert_shapes, expert_tensors, is_ignored
-
-EXPERT_FORMATS = ("int4", "fp8", "bf16")
-EXPERT_CHOICES = ("auto", *EXPERT_FORMATS, "torch")
+from .options import RuntimeOptions
+from .placement import PlacementPlan, parse_size, plan_placement
+from .weights import dense_tensors, expert_tensors, is_ignored
 # The router runs in float32 whatever the compute dtype (as the reference implementations keep it).
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
@@ -62,50 +62,81 @@ def default_threads() -> int:
 
 
 def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", gpu_expert_budget=0,
-         prefetch: str = "auto", threads: int | None = None, dtype: str = "auto") -> Engine:
+         prefetch: str = "auto", threads: int | None = None, dtype: str = "auto", placement=None,
+         transfer_budget="auto", context: int | None = None, gpu_memory=None) -> Engine:
     """Load a K2 / DeepSeek-V3 model folder and return an Engine.
 
     Args:
         model_dir: an HF checkpoint folder (config.json, safetensors shards; BF16 or block-FP8).
         device: "auto" (CUDA if present, else CPU), "cpu" or "cuda[:N]": where attention, router, shared
-            expert, dense layers and lm_head run.
+            expert, dense layers, lm_head and the expert hot set run.
         experts: routed-expert format on the CPU: "int4", "fp8", "bf16", or "auto" (the checkpoint's own:
-            fp8 for a block-FP8 release, bf16 otherwise); "torch" runs them as dequantized torch weights on
-            the device (the reference path).
-        gpu_expert_budget, prefetch: the device hot set (not built yet: only 0 / "auto" / "off").
+            fp8 for a block-FP8 release, bf16 otherwise); "torch" runs them all as dequantized torch
+            weights on the device (the reference path).
+        gpu_expert_budget: device hot-set size: bytes (int or "2GiB") or a share of all routed experts
+            ("25%"); 0 = no hot set.
+        prefetch: hot-set policy: "router" (default when the budget is non-zero), "lru", "lfu", "static"
+            (with placement=), or "off".
         threads: CPU threads for expert kernels and host-side torch (default: physical cores).
         dtype: device compute dtype; "auto" = bfloat16 on CUDA, float32 on CPU.
+        placement: placement.json (from `hybrid profile`) for prefetch="static".
+        transfer_budget: bytes per token the hot set may copy to the device ("auto": 1/16 expert per layer).
+        context: tokens of KV cache the placement reserves (default min(max_position_embeddings, 32768)).
+        gpu_memory: device bytes the placement may use (default: what the device has free).
     Returns:
-        Engine with forward(ids), generate(ids, ...), stats().
+        Engine with forward(ids), generate(ids, ...), stats(); engine.plan is the PlacementPlan.
     Example:
-        >>> eng = hybrid.load("tiny-k2", device="cpu")
+        >>> eng = hybrid.load("tiny-k2", device="cpu", gpu_expert_budget="25%")
         >>> eng.generate([1, 2, 3], max_new_tokens=8)
     """
-    if experts not in EXPERT_CHOICES:
-        raise ValueError(f"experts={experts!r} is not one of {', '.join(EXPERT_CHOICES)}")
-    if gpu_expert_budget not in (0, "0", None) or prefetch not in ("auto", "off"):
-        raise NotImplementedError("the GPU expert hot set (gpu_expert_budget, prefetch) is not built yet; "
-                                  "use gpu_expert_budget=0 and prefetch='auto' or 'off'")
+    opts = RuntimeOptions(device=device, dtype=dtype, experts=experts, gpu_expert_budget=gpu_expert_budget,
+                          prefetch=prefetch, placement=placement, transfer_budget=transfer_budget,
+                          threads=threads, context=context, gpu_memory=gpu_memory)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist; make one with "
                                 f"`hybrid make-tiny --out {model_dir}` or point at an HF checkpoint folder")
     cfg = ModelConfig.from_file(model_dir)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
-    fmt = ("fp8" if cfg.is_fp8_checkpoint else "bf16") if experts == "auto" else experts
+    dev = resolve_device(opts.device)
+    dt = resolve_dtype(opts.dtype, dev)
+    n_threads = opts.threads or default_threads()
+    torch.set_num_threads(n_threads)
+    fmt = ("fp8" if cfg.is_fp8_checkpoint else "bf16") if opts.experts == "auto" else opts.experts
+    plan = _plan(cfg, opts, dev, dt, fmt)
     with Checkpoint.open(model_dir) as ckpt:
         _check_names(cfg, ckpt)
         model = _build_model(cfg, ckpt, dev, dt)
-        backend = _build_experts(cfg, ckpt, fmt, dev, dt, threads)
+        if fmt == "torch":
+            backend = build_torch_experts(cfg, ckpt, dev, dt)
+        else:
+            backend = build_cpu_backend(cfg, build_stores(cfg, ckpt, fmt), opts, plan, model, dev, dt, n_threads)
     for layer in model.model.layers:
         if isinstance(layer.mlp, MoE):
             layer.mlp.experts = backend
-    info = {"experts": fmt, "experts_tier": "device" if fmt == "torch" else "cpu", "threads": threads,
-            "model_dir": str(model_dir)}
+    info = {"experts": fmt, "experts_tier": "device" if fmt == "torch" else "cpu", "threads": n_threads,
+            "model_dir": str(model_dir), "plan": plan}
     return Engine(cfg, model, backend, _tokenizer(model_dir), dev, dt, info)
+
+
+def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str) -> PlacementPlan:
+    import psutil
+    host = psutil.virtual_memory().available
+    if opts.gpu_memory is not None:
+        dev_mem = parse_size(opts.gpu_memory)
+    elif dev.type == "cuda":
+        dev_mem = torch.cuda.mem_get_info(dev)[0]
+    else:
+        dev_mem = host
+    budget = opts.gpu_expert_budget
+    if opts.prefetch == "static" and budget in (0, "0", None):
+        from .report import read_placement
+        most = max((len(v) for v in read_placement(opts.placement, expect=cfg).values()), default=0)
+        budget = f"{100 * most / cfg.n_routed_experts}%"
+    context = opts.context or min(cfg.max_position_embeddings, 32768)
+    return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=dt).element_size(),
+                          expert_format="bf16" if fmt == "torch" else fmt, context=context,
+                          device_memory=dev_mem, host_memory=host,
+                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget)
 
 
 def _check_names(cfg: ModelConfig, ckpt: Checkpoint) -> None:
@@ -137,36 +168,6 @@ def _build_model(cfg: ModelConfig, ckpt: Checkpoint, dev: torch.device, dt: torc
         want = torch.float32 if name.endswith(_FP32_SUFFIXES) else dt
         set_tensor(model, name, ckpt.get(name, dtype=want, expect_shape=spec.shape).to(dev))
     return model.eval()
-
-
-def _build_experts(cfg, ckpt, fmt, dev, dt, threads):
-    shapes = expert_shapes(cfg)
-    if fmt == "torch":
-        weights = {}
-        for layer in cfg.moe_layers:
-            mats = [[], [], []]
-            for e in range(cfg.n_routed_experts):
-                for k, (name, shape) in enumerate(zip(expert_names(layer, e), shapes)):
-                    mats[k].append(ckpt.get(name, dtype=dt, expect_shape=shape).to(dev))
-            weights[layer] = tuple(torch.stack(m) for m in mats)
-        return TorchExperts(weights)
-    from cpu_experts import CpuMoE, LayerStore, StoreSpec
-    spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
-
-    def source(layer, e):
-        out = {}
-        for key, name, shape in zip(("gate", "up", "down"), expert_names(layer, e), shapes):
-            if ckpt.is_fp8(name):
-                if tuple(ckpt.shape(name)) != shape:
-                    ckpt.get(name, expect_shape=shape)   # raises the shape error naming file and tensor
-                out[key] = ckpt.get_fp8(name)
-            else:
-                out[key] = ckpt.get(name, dtype=torch.float32, expect_shape=shape).numpy()
-        return out
-
-    stores = {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source(L, e))
-              for layer in cfg.moe_layers}
-    return CpuExperts(CpuMoE(stores, threads=threads))
 
 
 def _tokenizer(model_dir: Path):

@@ -31,6 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .cli_engine import add_engine_options, load_engine
+
 from .chat import encode_chat
 from .server_api import ApiError, Sampling, parse_chat, parse_completion
 from .server_metrics import RequestCounter, prometheus_text
@@ -237,17 +239,10 @@ async def _json_body(request: Request, limit: int):
 def add_serve_parser(subparsers) -> None:
     """Add `serve` to the `hybrid` command line (sets func=cmd_serve)."""
     s = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    s.add_argument("--model", type=Path, help="model folder (default: the bundled tiny model, made on first use)")
+    add_engine_options(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no auth)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default="kimi-k2", help="the model id clients must send")
-    s.add_argument("--experts", default="auto", choices=["auto", "int4", "fp8", "bf16", "torch"],
-                   help="routed-expert format on the CPU (auto = the checkpoint's own)")
-    s.add_argument("--gpu-expert-budget", default="0", help="device hot-set size, e.g. 2GiB")
-    s.add_argument("--prefetch", default="auto", choices=["auto", "off", "static", "lru", "router"])
-    s.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    s.add_argument("--dtype", default="auto", help="device compute dtype: auto | float32 | bfloat16")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
     s.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / (1 << 20),
                    help="largest request body accepted (413 above)")
@@ -260,13 +255,10 @@ def add_serve_parser(subparsers) -> None:
 def cmd_serve(a) -> int:
     import uvicorn
 
-    import hybrid
-    from .tiny import ensure_default_tiny
     if a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
-    budget = int(a.gpu_expert_budget) if a.gpu_expert_budget.isdigit() else a.gpu_expert_budget
-    engine = hybrid.load(a.model or ensure_default_tiny(), device=a.device, experts=a.experts,
-                         gpu_expert_budget=budget, prefetch=a.prefetch, threads=a.threads, dtype=a.dtype)
+    engine = load_engine(a)
+    print(engine.plan.describe(), flush=True)
     app = create_app(engine, a.served_model_name, a.max_queue, int(a.max_body_mb * (1 << 20)))
     # Bounded shutdown: after the grace period open streams are cancelled, which cancels their jobs.
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,

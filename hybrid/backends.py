@@ -1,0 +1,90 @@
+"""Building the routed-expert backend from a checkpoint, the options and the placement plan.
+
+    torch        -> TorchExperts: every expert dequantized on the device (the reference path)
+    int4/fp8/bf16, no hot set -> CpuExperts over one LayerStore per MoE layer
+    int4/fp8/bf16 + hot set   -> HybridExperts: a policy per layer picks device copies, the CPU does the rest
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+from .experts import CpuExperts, TorchExperts
+from .hotset import HybridExperts
+from .options import RuntimeOptions
+from .placement import PlacementPlan, parse_size
+from .policies import make_policy
+from .weights import expert_names, expert_shapes
+
+
+def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype) -> TorchExperts:
+    shapes = expert_shapes(cfg)
+    weights = {}
+    for layer in cfg.moe_layers:
+        mats = [[], [], []]
+        for e in range(cfg.n_routed_experts):
+            for k, (name, shape) in enumerate(zip(expert_names(layer, e), shapes)):
+                mats[k].append(ckpt.get(name, dtype=dt, expect_shape=shape).to(dev))
+        weights[layer] = tuple(torch.stack(m) for m in mats)
+    return TorchExperts(weights)
+
+
+def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
+    """One in-memory LayerStore per MoE layer, converted from the checkpoint (FP8 -> fp8 keeps the bytes)."""
+    from cpu_experts import LayerStore, StoreSpec
+    spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
+    shapes = expert_shapes(cfg)
+
+    def source(layer, e):
+        out = {}
+        for key, name, shape in zip(("gate", "up", "down"), expert_names(layer, e), shapes):
+            if ckpt.is_fp8(name):
+                if tuple(ckpt.shape(name)) != shape:
+                    ckpt.get(name, expect_shape=shape)   # raises the shape error naming file and tensor
+                out[key] = ckpt.get_fp8(name)
+            else:
+                out[key] = ckpt.get(name, dtype=torch.float32, expect_shape=shape).numpy()
+        return out
+
+    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source(L, e))
+            for layer in cfg.moe_layers}
+
+
+def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan, model,
+                      dev: torch.device, dt: torch.dtype, threads: int):
+    from cpu_experts import CpuMoE
+    cpu = CpuExperts(CpuMoE(stores, threads=threads))
+    policy_name = opts.prefetch if opts.prefetch not in ("auto",) else "router"
+    if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
+        return cpu
+    per_token = _loads_per_token(opts.transfer_budget, plan)
+    placement = _placement(opts, cfg) if policy_name == "static" else {}
+    policies = {}
+    for L in cfg.moe_layers:
+        resident = placement.get(L, [])[: plan.experts_per_layer] if placement else []
+        cap = plan.experts_per_layer
+        policies[L] = make_policy(policy_name, cfg.n_routed_experts, cap, per_token, resident)
+    return HybridExperts(cpu, stores, policies, dev, dt, _lookahead(cfg, model))
+
+
+def _loads_per_token(budget, plan: PlacementPlan) -> float:
+    """Bytes per token (all layers together) -> expert copies per token per layer."""
+    if budget == "auto":
+        return 1 / 16        # one copy per layer every 16 tokens: the set drifts slowly, prefill reshapes it
+    b = parse_size(budget)
+    per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
+    return b / per_copy if per_copy else math.inf
+
+
+def _placement(opts: RuntimeOptions, cfg: ModelConfig) -> dict[int, list[int]]:
+    from .report import read_placement
+    return read_placement(opts.placement, expect=cfg)
+
+
+def _lookahead(cfg: ModelConfig, model) -> dict:
+    """Layer L's MoE input goes through the routers of the next two MoE layers (look-ahead gating)."""
+    moe = cfg.moe_layers
+    routers = {L: model.model.layers[L].mlp.gate for L in moe}
+    return {L: [(t, routers[t]) for t in moe[i + 1:i + 3]] for i, L in enumerate(moe)}
