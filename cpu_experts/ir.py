@@ -1,0 +1,393 @@
+"""Hand-built LLVM IR row kernels (AVX-512), exposed to Numba as @intrinsic calls.
+
+Why IR: Numba types narrow integer code as int64, so LLVM never forms vpdpbusd from Python-level
+code, and data-indexed tables become slow gathers (KERNEL-NOTES: plain Numba stops at ~50 % of the
+read limit). Each kernel here computes, for i in [0, n):
+
+    oA[i * ostride] = row(wA + i * wstride) . x         oB[i * ostride] = row(wB + i * wstride) . x
+
+two rows per pass sharing every activation load (the fp8/bf16 kernels read x from xA only; callers
+pass xB == xA), for 1, 2 or 4 tokens at once, 64-byte unaligned loads (an
+aligned load crashed on numpy buffers, KERNEL-NOTES), and a software prefetch `pfd` bytes ahead in
+each weight stream (the largest single step to the limit: 8-16 KiB ahead).
+
+  int4 (vnni): 64 packed bytes = 128 inputs = 4 blocks of 32. Low nibbles x the "lo" int8
+      activations, high nibbles x the "hi" ones, by vpdpbusd (u8 x s8 -> i32, 4 per lane); the
+      accumulator starts at corr = -8 * sum(x8) per lane, which removes the +8 nibble offset; then
+      float(lane) * bf16 scale of the lane's group * the chunk's activation scale, FMA. Activations
+      come from prepare_int8 (cpu_experts/int4_vnni.py): per 128 inputs, x8 = rint(x / s), s = max|x|/127.
+  fp8: code -> the exact bf16 bytes of its value by two 128-entry byte-table lookups (vpermi2b, the
+      sign OR-ed in), in-lane byte unpacks pair them into bf16 words, and each dword's two words
+      become two floats by a shift and a mask: exact for every code, subnormals and NaN included, no
+      int->float conversion. This permutes elements inside each 64 (fp8_order); the caller stores the
+      activations in that order, pre-multiplied by the block scale. (Measured per thread, L2-resident:
+      word unpacks instead of shift/mask 47 GB/s; a half-precision variant, ((b << 8) >> 1) & 0xBFFF
+      then vcvtph2ps, 35 GB/s.)
+  bf16: bits << 16 reinterpreted as float; FMA.
+
+The IR text is linked into each Numba function that uses it (cached with it, cache=True). Callers
+must check `supported()` (AVX-512 F/BW/VL/VNNI/VBMI) before calling, and fall back otherwise.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as ll
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic
+
+VERSION = 1
+PREFETCH_LOCALITY = 3      # llvm.prefetch locality 3 = prefetcht0; t2 (1) measured the same (44.8 vs 45.0 GB/s int4)
+REQUIRED = ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi", "fma")   # vbmi: vpermi2b
+
+
+def supported() -> bool:
+    feats = ll.get_host_cpu_features()
+    return all(feats.get(f, False) for f in REQUIRED)
+
+
+def _vec(ty: str, n: int, v) -> str:
+    return "<" + ", ".join(f"{ty} {v}" for _ in range(n)) + ">"
+
+
+def _mask(idx) -> str:
+    return "<" + ", ".join(f"i32 {i}" for i in idx) + ">"
+
+
+_DECLS = """
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
+declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
+declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
+declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
+"""
+
+# Shared skeleton: row loop -> chunk loop (one 64-byte weight chunk per row per step) -> reduce + store.
+# Rows A and B advance together; `nt` tokens (activation rows `tx` elements apart) reuse each decoded
+# chunk from registers. Output of row i, token t: o{A,B}[i * ostride + t * otstride], stored, or added
+# to when accum != 0 (so a caller can split long rows into column blocks that stay in L1).
+_SKELETON = """
+define void @{name}({params}, i64 %tx, i64 %wstride, i64 %nch, i64 %n, ptr %oA, ptr %oB, i64 %ostride,
+                    i64 %otstride, i64 %pfd, i64 %accum) {{
+entry:
+  %acc.on = icmp ne i64 %accum, 0
+  %has = icmp sgt i64 %n, 0
+  br i1 %has, label %row, label %exit
+row:
+  %r = phi i64 [0, %entry], [%r.next, %rowend]
+  %wo = mul i64 %r, %wstride
+  %wa = getelementptr i8, ptr %wA, i64 %wo
+  %wb = getelementptr i8, ptr %wB, i64 %wo
+{row_setup}
+  br label %chunk
+chunk:
+  %c = phi i64 [0, %row], [%c.next, %chunk]
+{phis}
+  %off = shl i64 %c, 6
+  %pa = getelementptr i8, ptr %wa, i64 %off
+  %pb = getelementptr i8, ptr %wb, i64 %off
+  %pfa = getelementptr i8, ptr %pa, i64 %pfd
+  %pfb = getelementptr i8, ptr %pb, i64 %pfd
+  call void @llvm.prefetch.p0(ptr %pfa, i32 0, i32 {loc}, i32 1)
+  call void @llvm.prefetch.p0(ptr %pfb, i32 0, i32 {loc}, i32 1)
+{body}
+  %c.next = add i64 %c, 1
+  %more = icmp slt i64 %c.next, %nch
+  br i1 %more, label %chunk, label %rowend
+rowend:
+  %oo = mul i64 %r, %ostride
+{final}
+  %r.next = add i64 %r, 1
+  %rmore = icmp slt i64 %r.next, %n
+  br i1 %rmore, label %row, label %exit
+exit:
+  ret void
+}}
+"""
+
+
+def _store(s: str, t: int, accs: list) -> list:
+    """Sum the accumulators of (row s, token t), reduce, store."""
+    out, prev = [], accs[0]
+    for i, a in enumerate(accs[1:]):
+        out.append(f"  %t{s}{t}_{i} = fadd <16 x float> {prev}, {a}")
+        prev = f"%t{s}{t}_{i}"
+    out += [f"  %r{s}{t} = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> {prev})",
+            f"  %ot{s}{t} = mul i64 %otstride, {t}",
+            f"  %oi{s}{t} = add i64 %oo, %ot{s}{t}",
+            f"  %po{s}{t} = getelementptr float, ptr %o{s}, i64 %oi{s}{t}",
+            f"  %old{s}{t} = load float, ptr %po{s}{t}, align 4",       # accum != 0: add to the output
+            f"  %sum{s}{t} = fadd float %old{s}{t}, %r{s}{t}",
+            f"  %w{s}{t} = select i1 %acc.on, float %sum{s}{t}, float %r{s}{t}",
+            f"  store float %w{s}{t}, ptr %po{s}{t}, align 4"]
+    return out
+
+
+def _e4m3_tables() -> tuple[str, str, str, str]:
+    """bf16 bits of e4m3 magnitudes 0..127 (exact: <= 4 significant bits), split into high and low bytes,
+    as the two 64-byte halves that vpermi2b indexes with the low 7 bits of a code."""
+    from quant.fp8 import E4M3_VALUES
+    import numpy as np
+    b16 = (E4M3_VALUES[:128].view(np.uint32) >> 16).astype(np.int64)
+    hi, lo = (b16 >> 8).tolist(), (b16 & 0xFF).tolist()
+    vec = lambda xs: "<" + ", ".join(f"i8 {x - 256 if x > 127 else x}" for x in xs) + ">"
+    return vec(hi[:64]), vec(hi[64:]), vec(lo[:64]), vec(lo[64:])
+
+
+def _unpack_masks():
+    """Shuffle masks equal to vpunpck{l,h}bw (bytes -> words: low byte from the first operand) inside
+    each 128-bit lane, so LLVM emits the single in-lane instructions."""
+    lbw, hbw = [], []
+    for L in range(4):
+        for k in range(8):
+            lbw += [16 * L + k, 64 + 16 * L + k]
+            hbw += [16 * L + 8 + k, 64 + 16 * L + 8 + k]
+    return _mask(lbw), _mask(hbw)
+
+
+def fp8_order(n: int):
+    """Activation order the fp8 kernel expects: position 64c + 16q + 4L + m holds input
+    64c + 16L + 8(q // 2) + 2m + q % 2 (what the in-lane unpacks and the word split produce)."""
+    import numpy as np
+    c, q, L, m = np.meshgrid(np.arange(n // 64), np.arange(4), np.arange(4), np.arange(4), indexing="ij")
+    return (64 * c + 16 * L + 8 * (q // 2) + 2 * m + q % 2).reshape(-1)
+
+
+def _float_kernel(name: str, fmt: str, nt: int) -> str:
+    """fp8 (K=4 float vectors per 64-byte chunk) or bf16 (K=2), nt tokens."""
+    K = 2 if fmt == "bf16" else 4
+    na = max(1, min(K, 4 // nt))                 # accumulators per (row, token): enough FMA chains in flight
+    phis, body, fin = [], [], []
+    for s in "AB":
+        for t in range(nt):
+            for k in range(na):
+                phis.append(f"  %acc{s}{t}_{k} = phi <16 x float> [zeroinitializer, %row], [%acc{s}{t}_{k}.n, %chunk]")
+    body.append(f"  %xo = mul i64 %c, {K * 16}")
+    for t in range(nt):
+        body.append(f"  %xt{t} = mul i64 %tx, {t}")
+        body.append(f"  %xc{t} = add i64 %xo, %xt{t}")
+    if fmt == "fp8":
+        tha, thb, tla, tlb = _e4m3_tables()
+        lbw, hbw = _unpack_masks()
+    for s, p in (("A", "pa"), ("B", "pb")):
+        if fmt == "fp8":      # table: code -> exact bf16 bytes (vpermi2b), in-lane unpacks -> float32
+            body += [f"  %v{s} = load <64 x i8>, ptr %{p}, align 1",
+                     f"  %hi{s}0 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {tha}, "
+                     f"<64 x i8> %v{s}, <64 x i8> {thb})",
+                     f"  %sg{s} = and <64 x i8> %v{s}, {_vec('i8', 64, -128)}",
+                     f"  %hi{s} = or <64 x i8> %hi{s}0, %sg{s}",
+                     f"  %lo{s} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {tla}, "
+                     f"<64 x i8> %v{s}, <64 x i8> {tlb})",
+                     f"  %wl{s}8 = shufflevector <64 x i8> %lo{s}, <64 x i8> %hi{s}, <64 x i32> {lbw}",
+                     f"  %wh{s}8 = shufflevector <64 x i8> %lo{s}, <64 x i8> %hi{s}, <64 x i32> {hbw}",
+                     f"  %wl{s} = bitcast <64 x i8> %wl{s}8 to <16 x i32>",
+                     f"  %wh{s} = bitcast <64 x i8> %wh{s}8 to <16 x i32>"]
+            # each dword holds two bf16 values: low word << 16 and high word & 0xFFFF0000 are the two
+            # floats (ALU ops, not shuffles: the shuffle port was the bottleneck)
+            for k, (w, op) in enumerate((("wl", "shl"), ("wl", "and"), ("wh", "shl"), ("wh", "and"))):
+                arg = _vec("i32", 16, 16) if op == "shl" else _vec("i32", 16, -65536)
+                body += [f"  %d{s}{k} = {op} <16 x i32> %{w}{s}, {arg}",
+                         f"  %f{s}{k} = bitcast <16 x i32> %d{s}{k} to <16 x float>"]
+        if fmt == "bf16":
+            body += [f"  %v{s} = load <32 x i16>, ptr %{p}, align 1",
+                     f"  %z{s} = zext <32 x i16> %v{s} to <32 x i32>",
+                     f"  %h{s}1 = shl <32 x i32> %z{s}, {_vec('i32', 32, 16)}",
+                     f"  %f{s} = bitcast <32 x i32> %h{s}1 to <32 x float>"]
+            wide = 32
+        for k in range(K if fmt == "bf16" else 0):
+            body.append(f"  %f{s}{k} = shufflevector <{wide} x float> %f{s}, <{wide} x float> poison, "
+                        f"<16 x i32> {_mask(range(16 * k, 16 * k + 16))}")
+    # Both rows use the same activations (xA; every caller passes xB == xA): one load feeds two FMAs.
+    cur = {(s, t, k): f"%acc{s}{t}_{k}" for s in "AB" for t in range(nt) for k in range(na)}
+    for t in range(nt):
+        for k in range(K):
+            a = k % na
+            body += [f"  %xi{t}_{k} = add i64 %xc{t}, {16 * k}",
+                     f"  %px{t}_{k} = getelementptr float, ptr %xA, i64 %xi{t}_{k}",
+                     f"  %x{t}_{k} = load <16 x float>, ptr %px{t}_{k}, align 4"]
+            for s in "AB":
+                res = f"%acc{s}{t}_{a}.n" if k + na >= K else f"%m{s}{t}_{k}"    # last FMA of its chain
+                body.append(f"  {res} = call <16 x float> @llvm.fma.v16f32(<16 x float> %f{s}{k}, "
+                            f"<16 x float> %x{t}_{k}, <16 x float> {cur[(s, t, a)]})")
+                cur[(s, t, a)] = res
+    for s in "AB":
+        for t in range(nt):
+            fin += _store(s, t, [f"%acc{s}{t}_{k}.n" for k in range(na)])
+    return _SKELETON.format(loc=PREFETCH_LOCALITY, name=name, params="ptr %wA, ptr %wB, ptr %xA, ptr %xB", row_setup="",
+                            phis="\n".join(phis), body="\n".join(body), final="\n".join(fin))
+
+
+def _int4_kernel(name: str, gs: int, nt: int) -> str:
+    ns = 128 // gs                                  # scales per 64-byte chunk
+    mask = _mask([(lane // 4) * ns // 4 for lane in range(16)])
+    row_setup = ["  %so = mul i64 %r, %sstride",
+                 "  %sa = getelementptr i8, ptr %sA, i64 %so",
+                 "  %sb = getelementptr i8, ptr %sB, i64 %so"]
+    phis = [f"  %acc{s}{t} = phi <16 x float> [zeroinitializer, %row], [%acc{s}{t}.n, %chunk]"
+            for s in "AB" for t in range(nt)]
+    body = [f"  %sbo = mul i64 %c, {2 * ns}",
+            "  %xo = shl i64 %c, 7",
+            "  %co = shl i64 %c, 4",
+            "  %txs = lshr i64 %tx, 7",              # scales per token row: tx / 128
+            "  %txc = lshr i64 %tx, 3"]              # corrections per token row: tx / 8
+    for s, p in (("A", "pa"), ("B", "pb")):
+        low = s.lower()
+        body += [f"  %v{s} = load <64 x i8>, ptr %{p}, align 1",
+                 f"  %l{s} = and <64 x i8> %v{s}, {_vec('i8', 64, 15)}",
+                 f"  %h{s} = lshr <64 x i8> %v{s}, {_vec('i8', 64, 4)}",
+                 f"  %l{s}32 = bitcast <64 x i8> %l{s} to <16 x i32>",
+                 f"  %h{s}32 = bitcast <64 x i8> %h{s} to <16 x i32>",
+                 f"  %ps{s} = getelementptr i8, ptr %s{low}, i64 %sbo",
+                 f"  %sv{s} = load <{ns} x i16>, ptr %ps{s}, align 2",
+                 f"  %sz{s} = zext <{ns} x i16> %sv{s} to <{ns} x i32>",
+                 f"  %ss{s} = shl <{ns} x i32> %sz{s}, {_vec('i32', ns, 16)}",
+                 f"  %sf{s} = bitcast <{ns} x i32> %ss{s} to <{ns} x float>",
+                 f"  %sw{s} = shufflevector <{ns} x float> %sf{s}, <{ns} x float> poison, <16 x i32> {mask}"]
+    fin = []
+    for t in range(nt):
+        body += [f"  %xt{t} = mul i64 %tx, {t}",
+                 f"  %xb{t} = add i64 %xo, %xt{t}",
+                 f"  %px{t} = getelementptr i8, ptr %xq, i64 %xb{t}",
+                 f"  %pxh{t} = getelementptr i8, ptr %px{t}, i64 64",
+                 f"  %xl{t} = load <16 x i32>, ptr %px{t}, align 1",
+                 f"  %xh{t} = load <16 x i32>, ptr %pxh{t}, align 1",
+                 f"  %ct{t} = mul i64 %txc, {t}",
+                 f"  %cb{t} = add i64 %co, %ct{t}",
+                 f"  %pc{t} = getelementptr i32, ptr %corr, i64 %cb{t}",
+                 f"  %cv{t} = load <16 x i32>, ptr %pc{t}, align 4",
+                 f"  %st{t} = mul i64 %txs, {t}",
+                 f"  %sb{t} = add i64 %c, %st{t}",
+                 f"  %pxs{t} = getelementptr float, ptr %xs, i64 %sb{t}",
+                 f"  %xsc{t} = load float, ptr %pxs{t}, align 4",
+                 f"  %xsv0{t} = insertelement <16 x float> poison, float %xsc{t}, i64 0",
+                 f"  %xsv{t} = shufflevector <16 x float> %xsv0{t}, <16 x float> poison, <16 x i32> zeroinitializer"]
+        for s in "AB":
+            body += [f"  %d{s}{t}1 = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %cv{t}, "
+                     f"<16 x i32> %l{s}32, <16 x i32> %xl{t})",
+                     f"  %d{s}{t} = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %d{s}{t}1, "
+                     f"<16 x i32> %h{s}32, <16 x i32> %xh{t})",
+                     f"  %fi{s}{t} = sitofp <16 x i32> %d{s}{t} to <16 x float>",
+                     f"  %sc{s}{t} = fmul <16 x float> %sw{s}, %xsv{t}",
+                     f"  %acc{s}{t}.n = call <16 x float> @llvm.fma.v16f32(<16 x float> %fi{s}{t}, "
+                     f"<16 x float> %sc{s}{t}, <16 x float> %acc{s}{t})"]
+            fin += _store(s, t, [f"%acc{s}{t}.n"])
+    return _SKELETON.format(loc=PREFETCH_LOCALITY, name=name, params="ptr %wA, ptr %wB, ptr %sA, ptr %sB, i64 %sstride, ptr %xq, "
+                            "ptr %xs, ptr %corr", row_setup="\n".join(row_setup), phis="\n".join(phis),
+                            body="\n".join(body), final="\n".join(fin))
+
+
+def _read_kernel(name: str, prefetch: bool) -> str:
+    """The bandwidth probe: sum 64-byte chunks as <16 x i32> (the kernels' load shape), optional prefetch."""
+    pf = ["  %pf = getelementptr i8, ptr %p, i64 %pfd",
+          "  call void @llvm.prefetch.p0(ptr %pf, i32 0, i32 3, i32 1)"] if prefetch else []
+    return "\n".join([
+        f"define void @{name}(ptr %a, i64 %nch, i64 %pfd, ptr %out) {{",
+        "entry:", "  br label %loop", "loop:",
+        "  %c = phi i64 [0, %entry], [%c.next, %loop]",
+        "  %acc = phi <16 x i32> [zeroinitializer, %entry], [%acc.n, %loop]",
+        "  %off = shl i64 %c, 6",
+        "  %p = getelementptr i8, ptr %a, i64 %off", *pf,
+        "  %v = load <16 x i32>, ptr %p, align 1",
+        "  %acc.n = add <16 x i32> %acc, %v",
+        "  %c.next = add i64 %c, 1",
+        "  %more = icmp slt i64 %c.next, %nch",
+        "  br i1 %more, label %loop, label %done", "done:",
+        "  %r = call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> %acc.n)",
+        "  store i32 %r, ptr %out, align 4", "  ret void", "}",
+        "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)"])
+
+
+TOKENS = (1, 2, 4)   # token-block sizes: 1 for decode, 4 (2, 1 for the rest) for prefill. 8 spilled
+#                      registers: int4 prefill fell from 624 to 476 GFLOP/s, fp8/bf16 within noise.
+KERNELS = {}
+for _nt in TOKENS:
+    for _g in (32, 64, 128):
+        KERNELS[f"cx_int4_vnni_g{_g}_t{_nt}_v{VERSION}"] = _int4_kernel(f"cx_int4_vnni_g{_g}_t{_nt}_v{VERSION}", _g, _nt)
+    for _f in ("fp8", "bf16"):
+        KERNELS[f"cx_{_f}_t{_nt}_v{VERSION}"] = _float_kernel(f"cx_{_f}_t{_nt}_v{VERSION}", _f, _nt)
+KERNELS[f"cx_read_v{VERSION}"] = _read_kernel(f"cx_read_v{VERSION}", False)
+KERNELS[f"cx_read_pf_v{VERSION}"] = _read_kernel(f"cx_read_pf_v{VERSION}", True)
+
+
+def _emit_call(context, builder, fname: str, sig, args):
+    """Link the kernel's IR into the library being compiled and call it with raw pointers/ints."""
+    lib = context.active_code_library
+    linked = lib.__dict__.setdefault("_cx_linked", set())    # link each kernel once per library
+    if fname not in linked:
+        mod = ll.parse_assembly(_DECLS + KERNELS[fname])
+        mod.verify()
+        lib.add_llvm_module(mod)
+        linked.add(fname)
+    ptr = ir.PointerType()
+    vals, tys = [], []
+    for ty, v in zip(sig.args, args):
+        if isinstance(ty, types.Array):
+            ary = context.make_array(ty)(context, builder, v)
+            vals.append(builder.bitcast(ary.data, ptr))
+            tys.append(ptr)
+        else:
+            vals.append(context.cast(builder, v, ty, types.int64))
+            tys.append(ir.IntType(64))
+    # array arguments are passed as (array, element offset) pairs: fold the offset into the pointer
+    out_vals, out_tys, i = [], [], 0
+    while i < len(sig.args):
+        if isinstance(sig.args[i], types.Array):
+            elt = context.get_data_type(sig.args[i].dtype)
+            p = builder.gep(vals[i], [vals[i + 1]], source_etype=elt)
+            out_vals.append(builder.bitcast(p, ptr))
+            out_tys.append(ptr)
+            i += 2
+        else:
+            out_vals.append(vals[i])
+            out_tys.append(tys[i])
+            i += 1
+    fn = builder.module.globals.get(fname) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), out_tys),
+                                                          fname)
+    builder.call(fn, out_vals)
+    return context.get_dummy_value()
+
+
+# Each intrinsic takes (array, element offset) pairs for the pointers, in the IR parameter order.
+def _int4_impl(gs, nt):
+    name = f"cx_int4_vnni_g{gs}_t{nt}_v{VERSION}"
+
+    @intrinsic
+    def call(typingctx, wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
+             wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum):
+        sig = types.void(wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
+                         wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum)
+        return sig, lambda context, builder, s, a: _emit_call(context, builder, name, s, a)
+    return call
+
+
+def _float_impl(fmt, nt):
+    name = f"cx_{fmt}_t{nt}_v{VERSION}"
+
+    @intrinsic
+    def call(typingctx, wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
+             ostride, otstride, pfd, accum):
+        sig = types.void(wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
+                         ostride, otstride, pfd, accum)
+        return sig, lambda context, builder, s, a: _emit_call(context, builder, name, s, a)
+    return call
+
+
+int4_g32_t1, int4_g32_t2, int4_g32_t4 = (_int4_impl(32, t) for t in TOKENS)
+int4_g64_t1, int4_g64_t2, int4_g64_t4 = (_int4_impl(64, t) for t in TOKENS)
+int4_g128_t1, int4_g128_t2, int4_g128_t4 = (_int4_impl(128, t) for t in TOKENS)
+fp8_t1, fp8_t2, fp8_t4 = (_float_impl("fp8", t) for t in TOKENS)
+bf16_t1, bf16_t2, bf16_t4 = (_float_impl("bf16", t) for t in TOKENS)
+
+
+def _read_impl(prefetch: bool):
+    name = f"cx_read{'_pf' if prefetch else ''}_v{VERSION}"
+
+    @intrinsic
+    def call(typingctx, a, oa, nch, pfd, out, oout):
+        """Sum nch 64-byte chunks of `a` from byte offset oa (a uint8), result into out[oout] (int32)."""
+        sig = types.void(a, oa, nch, pfd, out, oout)
+        return sig, lambda context, builder, s, args: _emit_call(context, builder, name, s, args)
+    return call
+
+
+read_chunks = _read_impl(False)
+read_chunks_prefetch = _read_impl(True)

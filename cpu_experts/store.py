@@ -1,0 +1,214 @@
+"""LayerStore: all routed experts of one MoE layer in one uint8 buffer (RAM or a memory-mapped file).
+
+E = experts, H = hidden, I = inter. The byte layout of one expert is cpu_experts/layout.py; expert e
+is bytes [e * stride, (e + 1) * stride) of `buffer`, so one expert is one slice (one memcpy to a GPU).
+
+On disk a layer is one safetensors file holding a single U8 tensor "experts" [E, stride]; the format,
+shapes, group size and layout version live in the file's __metadata__ (never in its name). We write
+the file ourselves so that the header is padded (with spaces, which the safetensors spec allows) to a
+4 KiB boundary: the data, and therefore every expert, starts page-aligned, and `load(mmap=True)` maps
+it without a copy. Any safetensors reader can still open the file.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from quant import fp8 as qfp8
+from quant import int4 as qint4
+from quant.formats import bf16_bits_to_f32, f32_to_bf16_bits
+from cpu_experts.layout import EXPERT_ALIGN, LAYOUT_VERSION, MATRICES, make_layout, matrix_shape
+
+MAGIC = "cpu_experts.LayerStore"
+FIX = "re-run the conversion (hybrid-quant convert) to rewrite this layer file"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    fmt: str                # "int4" | "fp8" | "bf16"
+    hidden: int             # H (7168 for K2)
+    inter: int              # I (moe_intermediate_size, 2048 for K2)
+    group_size: int = 32    # int4 only
+
+    def __post_init__(self):
+        if self.fmt not in ("int4", "fp8", "bf16"):
+            raise ValueError(f"StoreSpec.fmt={self.fmt!r}; use 'int4', 'fp8' or 'bf16'")
+        if self.hidden <= 0 or self.inter <= 0:
+            raise ValueError(f"StoreSpec needs positive hidden/inter, got {self.hidden}/{self.inter}")
+        if self.fmt == "int4":
+            qint4.check_shape(self.inter, self.hidden, self.group_size)
+            qint4.check_shape(self.hidden, self.inter, self.group_size)
+
+
+def _to_float(name: str, value, shape) -> np.ndarray:
+    if isinstance(value, tuple):
+        codes, scale_inv = value
+        w = qfp8.dequantize_blocks(codes, np.asarray(scale_inv, dtype=np.float32))
+    else:
+        w = np.asarray(value, dtype=np.float32)
+    if w.shape != shape:
+        raise ValueError(f"expert weight {name!r} has shape {w.shape}, expected {shape} (check hidden/inter)")
+    return w
+
+
+def _encode(spec: StoreSpec, name: str, value, shape) -> dict:
+    """One matrix in the source format -> {section name: array} in the store format."""
+    if spec.fmt == "fp8" and isinstance(value, tuple):     # released FP8: keep bytes and scales as they are
+        codes, scale_inv = np.asarray(value[0], dtype=np.uint8), np.asarray(value[1], dtype=np.float32)
+        if codes.shape != shape or scale_inv.shape != qfp8.scale_grid_shape(*shape):
+            raise ValueError(f"FP8 expert weight {name!r}: codes {codes.shape} / scale_inv {scale_inv.shape}, "
+                             f"expected {shape} / {qfp8.scale_grid_shape(*shape)}")
+        return {name: codes, name + "_scale": scale_inv}
+    w = _to_float(name, value, shape)
+    if spec.fmt == "fp8":
+        codes, scale_inv = qfp8.quantize_blocks(w)
+        return {name: codes, name + "_scale": scale_inv}
+    if spec.fmt == "int4":
+        q, scales = qint4.quantize_groups(w, spec.group_size)
+        return {name: qint4.pack(q), name + "_scale": scales}
+    return {name: f32_to_bf16_bits(w)}
+
+
+class LayerStore:
+    """All routed experts of one MoE layer in ONE uint8 buffer; see the module docstring."""
+
+    def __init__(self, spec: StoreSpec, n_experts: int, buffer: np.ndarray, source: str = "memory"):
+        self.spec, self.n_experts = spec, int(n_experts)
+        self.layout = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size)
+        self.stride = self.layout.stride
+        if buffer.dtype != np.uint8 or buffer.ndim != 1 or buffer.size != self.n_experts * self.stride:
+            raise ValueError(f"{source}: expert buffer is {buffer.dtype} {buffer.shape}, expected uint8 "
+                             f"[{self.n_experts * self.stride}] for {self.n_experts} experts of {spec}")
+        self.buffer = buffer
+        self.source = source
+
+    @classmethod
+    def build(cls, spec: StoreSpec, n_experts: int, get_expert: Callable[[int], dict]) -> "LayerStore":
+        """Quantize/pack experts 0..n_experts-1 from get_expert(e) -> {"gate","up","down"} into one buffer.
+
+        Each value is a float32 array ([I, H] for gate/up, [H, I] for down) or a block-FP8 tuple
+        (codes uint8, scale_inv float32). fp8 + FP8 source keeps the bytes; everything else goes through
+        float32 (FP8 dequantized first) and the numpy reference quantizer of the target format.
+        """
+        store = cls(spec, n_experts, np.zeros(n_experts * make_layout(
+            spec.fmt, spec.hidden, spec.inter, spec.group_size).stride, dtype=np.uint8))
+        for e in range(n_experts):
+            mats = get_expert(e)
+            missing = set(MATRICES) - set(mats)
+            if missing:
+                raise ValueError(f"get_expert({e}) is missing {sorted(missing)}; return gate, up and down")
+            for m in MATRICES:
+                shape = matrix_shape(m, spec.hidden, spec.inter)
+                for name, arr in _encode(spec, m, mats[m], shape).items():
+                    store.section(e, name)[...] = arr
+        return store
+
+    def section(self, e: int, name: str) -> np.ndarray:
+        """Typed view (no copy) of one section ("gate", "down_scale", ...) of expert e."""
+        s = self.layout.sections[name]
+        base = self._check(e) * self.stride + s.offset
+        return self.buffer[base: base + s.nbytes].view(s.dtype).reshape(s.shape)
+
+    def _check(self, e: int) -> int:
+        if not 0 <= e < self.n_experts:
+            raise IndexError(f"expert id {e} out of range for a layer of {self.n_experts} experts")
+        return int(e)
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert's weights and scales as stored (alignment padding excluded)."""
+        return self.layout.used
+
+    def expert_bytes(self, e: int) -> np.ndarray:
+        """uint8 view of expert e's whole slice (stride bytes, page-aligned in files)."""
+        base = self._check(e) * self.stride
+        return self.buffer[base: base + self.stride]
+
+    def dequantize(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference: (gate f32 [I, H], up f32 [I, H], down f32 [H, I]) of expert e."""
+        out = []
+        for m in MATRICES:
+            if self.spec.fmt == "int4":
+                w = qint4.dequantize_groups(qint4.unpack(self.section(e, m)), self.section(e, m + "_scale"),
+                                            self.spec.group_size)
+            elif self.spec.fmt == "fp8":
+                w = qfp8.dequantize_blocks(self.section(e, m), self.section(e, m + "_scale"))
+            else:
+                w = bf16_bits_to_f32(self.section(e, m))
+            out.append(w)
+        return tuple(out)
+
+    def metadata(self) -> dict:
+        s = self.spec
+        return {"format": MAGIC, "layout_version": str(LAYOUT_VERSION), "fmt": s.fmt, "hidden": str(s.hidden),
+                "inter": str(s.inter), "group_size": str(s.group_size), "n_experts": str(self.n_experts),
+                "expert_stride": str(self.stride)}
+
+    def save(self, path) -> None:
+        """Write one safetensors file; the data starts on a 4 KiB boundary (header padded with spaces)."""
+        path = Path(path)
+        header = {"__metadata__": self.metadata(),
+                  "experts": {"dtype": "U8", "shape": [self.n_experts, self.stride],
+                              "data_offsets": [0, self.buffer.size]}}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * ((-(8 + len(text))) % EXPERT_ALIGN)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            f.write(memoryview(self.buffer))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path, mmap: bool = True) -> "LayerStore":
+        """Open a layer file written by save(); mmap=True maps it read-only without copying."""
+        path = Path(path)
+        meta, start, size = _read_header(path)
+        try:
+            spec = StoreSpec(meta["fmt"], int(meta["hidden"]), int(meta["inter"]), int(meta["group_size"]))
+            n = int(meta["n_experts"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: bad expert-store metadata ({exc}); {FIX}") from exc
+        stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
+        if int(meta.get("expert_stride", -1)) != stride or size != n * stride:
+            raise ValueError(f"{path}: the data ({size} bytes, stride {meta.get('expert_stride')}) does not match "
+                             f"{n} experts of {spec} (stride {stride}); {FIX}")
+        if mmap:
+            buf = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size,))
+        else:
+            buf = np.fromfile(path, dtype=np.uint8, count=size, offset=start)
+        return cls(spec, n, buf, source=str(path))
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    fix = FIX
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{path}: file too short for a safetensors header; {fix}")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError(f"{path}: header length {n} is not plausible (not a safetensors file?); {fix}")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the safetensors header ({exc}); {fix}") from exc
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != MAGIC:
+        raise ValueError(f"{path}: __metadata__ format is {meta.get('format')!r}, not {MAGIC!r}: this is not an "
+                         f"expert-store layer file; {fix}")
+    if meta.get("layout_version") != str(LAYOUT_VERSION):
+        raise ValueError(f"{path}: layout_version {meta.get('layout_version')!r}, this code reads "
+                         f"{LAYOUT_VERSION}; {fix}")
+    t = header.get("experts")
+    if not t or t.get("dtype") != "U8":
+        raise ValueError(f"{path}: no U8 tensor 'experts' in the file; {fix}")
+    begin, end = t["data_offsets"]
+    start = 8 + n + begin
+    if path.stat().st_size < start + (end - begin):
+        raise ValueError(f"{path}: file is truncated ({path.stat().st_size} bytes, needs {start + end - begin}); {fix}")
+    return meta, start, end - begin
