@@ -57,7 +57,7 @@ class HybridExperts:
             torch.cuda.current_stream(self.device).wait_event(self._ready.pop(layer))
         dev = self._device_part(layer, h, ids, w, hits)
         self._hint(layer, h)
-        self._add(layer, hot=int(decision.hits.sum()), cpu=int((ids_np >= 0).sum() - decision.hits.sum()))
+        self._add(layer, hot_set=int(decision.hits.sum()), cpu=int((ids_np >= 0).sum() - decision.hits.sum()))
         self.totals["device_seconds"] += time.perf_counter() - t0
         return ticket, dev, decision, layer
 

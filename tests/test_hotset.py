@@ -1,0 +1,95 @@
+"""The device hot set: results do not depend on where an expert ran, and the stats add up."""
+import json
+
+import pytest
+import torch
+
+import hybrid
+
+PROMPT = [5, 77, 300, 12, 990, 41, 41, 7, 512, 3, 64, 200, 9, 18, 27, 36]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return tiny_models("k2", "fp8")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    eng = hybrid.load(model, device="cpu", experts="fp8", prefetch="off")
+    return eng.forward(PROMPT), eng.generate(PROMPT, 12, stop_ids=())
+
+
+@pytest.mark.parametrize("budget", [0, "25%", "100%"])
+@pytest.mark.parametrize("prefetch", ["router", "lru", "lfu"])
+def test_same_tokens_and_logits_wherever_experts_run(model, reference, prefetch, budget):
+    ref_logits, ref_tokens = reference
+    eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget=budget, prefetch=prefetch)
+    assert eng.plan.experts_per_layer == {0: 0, "25%": 4, "100%": 16}[budget]
+    # FP8 runs with float32 activations on both sides: the same weights, only the summation order differs
+    assert (eng.forward(PROMPT) - ref_logits).abs().max().item() < 1e-4
+    eng.reset_stats()
+    assert eng.generate(PROMPT, 12, stop_ids=()) == ref_tokens
+    act = eng.stats()["expert_activations"]
+    assert act["hot_set"] + act["cpu"] == act["total"] == 2 * 4 * (len(PROMPT) + 11)
+    if budget == "100%" and prefetch == "router":
+        assert act["hot_set"] > 0
+    if budget == 0:
+        assert act["hot_set"] == 0
+
+
+def test_all_resident_serves_everything_after_prefill(model):
+    eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="100%", prefetch="router",
+                      transfer_budget="1GiB")
+    eng.generate(PROMPT, 8, stop_ids=())
+    s = eng.stats()["expert_backend"]
+    # the prompt's experts were loaded after the prefill step, so decode hits whenever it reuses them
+    assert s["loads"] > 0 and s["bytes_copied"] == s["loads"] * 3 * 256 * 64 * 4
+    assert s["hot_set"] > 0 and s["per_layer"][1]["hot_set"] > 0
+
+
+def test_static_placement_from_the_profiler(model, tmp_path):
+    from hybrid.analysis import analyze
+    from hybrid.report import write_report
+    from hybrid.trace import record
+    eng = hybrid.load(model, device="cpu", experts="torch")
+    trace = record(eng, [PROMPT, PROMPT[::-1]], 4)
+    paths = write_report(trace, analyze(trace, max_layers=2), tmp_path, fraction=0.25)
+    placement = json.loads(paths["placement"].read_text())
+    st = hybrid.load(model, device="cpu", experts="fp8", prefetch="static", placement=paths["placement"])
+    assert st.plan.experts_per_layer == 4
+    st.generate(PROMPT, 6, stop_ids=())
+    s = st.stats()["expert_backend"]
+    assert s["loads"] == 0 and s["hot_set"] > 0           # copied at start, never at run time
+    assert {int(k): sorted(v) for k, v in placement["layers"].items()} == \
+        {L: sorted(r) for L, r in ((L, st.experts.resident[L].keys()) for L in (1, 2))}
+
+
+def test_transfer_budget_is_respected(model):
+    eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="50%", prefetch="lru",
+                      transfer_budget=str(3 * 256 * 64 * 4 * 2 // 4))  # a quarter expert per token per layer
+    eng.generate(PROMPT, 10, stop_ids=())
+    s = eng.stats()["expert_backend"]
+    tokens = len(PROMPT) + 9
+    for L in (1, 2):
+        assert s["per_layer"][L].get("loads", 0) <= tokens / 4 + 1e-9
+
+
+def test_lookahead_is_measured(model):
+    eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="25%")
+    eng.generate(PROMPT, 6, stop_ids=())
+    s = eng.stats()["expert_backend"]
+    assert 0.0 <= s["lookahead_L+1_precision"] <= 1.0      # tiny model: 2 MoE layers, so only L+1 exists
+    assert s["lookahead_L+2_precision"] is None
+
+
+def test_static_without_placement_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="needs a placement file"):
+        hybrid.load(model, device="cpu", prefetch="static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_hot_set_matches_cpu(model, reference):
+    eng = hybrid.load(model, device="cuda", dtype="float32", experts="fp8", gpu_expert_budget="50%")
+    assert eng.generate(PROMPT, 12, stop_ids=()) == reference[1]
+    assert eng.stats()["expert_backend"]["hot_set"] > 0
