@@ -55,7 +55,7 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan, model,
                       dev: torch.device, dt: torch.dtype, threads: int):
     from cpu_experts import CpuMoE
-    cpu = CpuExperts(CpuMoE(stores, threads=threads))
+    cpu = CpuExperts(CpuMoE(stores, threads=threads, activations=opts.activations))
     policy_name = opts.prefetch if opts.prefetch not in ("auto",) else "router"
     if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
         return cpu

@@ -63,7 +63,7 @@ def default_threads() -> int:
 
 def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", gpu_expert_budget=0,
          prefetch: str = "auto", threads: int | None = None, dtype: str = "auto", placement=None,
-         transfer_budget="auto", context: int | None = None, gpu_memory=None) -> Engine:
+         transfer_budget="auto", context: int | None = None, gpu_memory=None, activations: str = "auto") -> Engine:
     """Load a K2 / DeepSeek-V3 model folder and return an Engine.
 
     Args:
@@ -83,6 +83,8 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
         transfer_budget: bytes per token the hot set may copy to the device ("auto": 1/16 expert per layer).
         context: tokens of KV cache the placement reserves (default min(max_position_embeddings, 32768)).
         gpu_memory: device bytes the placement may use (default: what the device has free).
+        activations: INT4 kernels quantize each token's activations to int8 ("auto": VNNI dot products,
+            about 1e-2 of max|y| from exact, like llama.cpp's Q4_0 x Q8_0) or keep float32 ("float": exact).
     Returns:
         Engine with forward(ids), generate(ids, ...), stats(); engine.plan is the PlacementPlan.
     Example:
@@ -91,7 +93,7 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     """
     opts = RuntimeOptions(device=device, dtype=dtype, experts=experts, gpu_expert_budget=gpu_expert_budget,
                           prefetch=prefetch, placement=placement, transfer_budget=transfer_budget,
-                          threads=threads, context=context, gpu_memory=gpu_memory)
+                          threads=threads, context=context, gpu_memory=gpu_memory, activations=activations)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist; make one with "

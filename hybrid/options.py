@@ -21,6 +21,7 @@ class RuntimeOptions:
     threads: int | None = None            # CPU threads (default: physical cores)
     context: int | None = None            # tokens the placement reserves KV cache for (default <= 32768)
     gpu_memory: int | str | None = None   # device bytes the plan may use (default: what is free)
+    activations: str = "auto"             # INT4 kernels: auto = int8 activations (VNNI, ~1e-2 of max|y|); float
 
     def __post_init__(self):
         if self.experts not in EXPERT_CHOICES:
@@ -30,6 +31,8 @@ class RuntimeOptions:
         if self.prefetch == "static" and self.placement is None:
             raise ValueError("prefetch='static' needs a placement file (placement=..., --placement FILE); "
                              "`hybrid profile` writes one")
+        if self.activations not in ("auto", "float"):
+            raise ValueError(f"activations={self.activations!r}: use 'auto' (int8 activations for INT4) or 'float'")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.context is not None and (not isinstance(self.context, int) or self.context < 1):

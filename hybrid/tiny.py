@@ -41,7 +41,7 @@ _K2_COMMON = {
 
 PRESETS = {
     "tiny": {
-        **_K2_COMMON, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64,
+        **_K2_COMMON, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
         "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4,
         "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
         "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 16, "num_experts_per_tok": 4,

@@ -212,7 +212,7 @@ def test_errors_name_the_problem_and_leave_no_file(tiny_models, tmp_path):
     with pytest.raises(GGUFExportError, match="model_type 'llama'"):
         export_gguf(bad, tmp_path / "x.gguf", "f32")
     (bad / "config.json").write_text((model_dir / "config.json").read_text().replace(
-        '"moe_intermediate_size": 64', '"moe_intermediate_size": 96'))
+        '"moe_intermediate_size": 128', '"moe_intermediate_size": 96'))
     with pytest.raises(CheckpointError, match="config.json implies"):
         export_gguf(bad, tmp_path / "x.gguf", "f32")
     (bad / "tiktoken.model").unlink()

@@ -44,7 +44,7 @@ def test_all_resident_serves_everything_after_prefill(model):
     eng.generate(PROMPT, 8, stop_ids=())
     s = eng.stats()["expert_backend"]
     # the prompt's experts were loaded after the prefill step, so decode hits whenever it reuses them
-    assert s["loads"] > 0 and s["bytes_copied"] == s["loads"] * 3 * 256 * 64 * 4
+    assert s["loads"] > 0 and s["bytes_copied"] == s["loads"] * 3 * 256 * 128 * 4
     assert s["hot_set"] > 0 and s["per_layer"][1]["hot_set"] > 0
 
 
@@ -67,7 +67,7 @@ def test_static_placement_from_the_profiler(model, tmp_path):
 
 def test_transfer_budget_is_respected(model):
     eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="50%", prefetch="lru",
-                      transfer_budget=str(3 * 256 * 64 * 4 * 2 // 4))  # a quarter expert per token per layer
+                      transfer_budget=str(3 * 256 * 128 * 4 * 2 // 4))  # a quarter expert per token per layer
     eng.generate(PROMPT, 10, stop_ids=())
     s = eng.stats()["expert_backend"]
     tokens = len(PROMPT) + 9
