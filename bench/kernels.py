@@ -25,7 +25,7 @@ import numpy as np
 from cpu_experts import CpuMoE, LayerStore, StoreSpec
 from cpu_experts.ir import read_chunks, read_chunks_prefetch
 from cpu_experts.jit import kernel
-from cpu_experts.layout import make_layout
+from quant.layout import make_layout
 from cpu_experts.moe import physical_cores
 from cpu_experts.pool import RowPool
 from quant.formats import f32_to_bf16_bits

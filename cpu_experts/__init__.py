@@ -2,7 +2,7 @@
 
 numpy + Numba only: this package never imports torch or hybrid (it may import quant).
 """
-from cpu_experts.store import LayerStore, StoreSpec
+from quant.store import LayerStore, StoreSpec
 from cpu_experts.moe import CpuMoE, Ticket
 
 __all__ = ["LayerStore", "StoreSpec", "CpuMoE", "Ticket"]

@@ -3,7 +3,7 @@
 T = tokens, P = (token, expert) pairs, G = groups of pairs that share an expert, H = hidden,
 I = inter, g = group size. Weights are read straight from the LayerStore buffer: `buf8`, `buf16`,
 `buf32` are uint8 / uint16 / float32 views of the same layer buffer and `lay` holds the section byte
-offsets inside one expert (gate, up, down, gate_scale, up_scale, down_scale), see layout.py.
+offsets inside one expert (gate, up, down, gate_scale, up_scale, down_scale), see quant/layout.py.
 
 Every function here is pure: outputs are passed in, preallocated by the caller, and each call writes
 only rows [r0, r1) of them, so threads given disjoint row ranges never race. These are the exact

@@ -32,7 +32,7 @@ from cpu_experts import bf16 as k_bf16, fp8 as k_fp8, int4 as k_int4
 from cpu_experts import bf16_avx512, fp8_avx512, int4_vnni, ir
 from cpu_experts.jit import PREFETCH_BYTES
 from cpu_experts.pool import RowPool
-from cpu_experts.store import LayerStore
+from quant.store import LayerStore
 
 _KERNELS = {"int4": k_int4, "fp8": k_fp8, "bf16": k_bf16}
 TILE_ROWS = 256          # rows per dequantized tile: 256 x 7168 f32 = 7.3 MB, stays in the 32 MB L3

@@ -19,14 +19,19 @@ from .policies import make_policy
 from .weights import expert_names, expert_shapes
 
 
-def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype) -> TorchExperts:
+def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype, stores=None) -> TorchExperts:
+    """Every routed expert dequantized on the device: from the checkpoint, or from a converted store."""
     shapes = expert_shapes(cfg)
     weights = {}
     for layer in cfg.moe_layers:
         mats = [[], [], []]
         for e in range(cfg.n_routed_experts):
-            for k, (name, shape) in enumerate(zip(expert_names(layer, e), shapes)):
-                mats[k].append(ckpt.get(name, dtype=dt, expect_shape=shape).to(dev))
+            if stores is not None:
+                got = [torch.from_numpy(m) for m in stores[layer].dequantize(e)]
+            else:
+                got = [ckpt.get(n, dtype=torch.float32, expect_shape=s) for n, s in zip(expert_names(layer, e), shapes)]
+            for k, w in enumerate(got):
+                mats[k].append(w.to(dev, dt))
         weights[layer] = tuple(torch.stack(m) for m in mats)
     return TorchExperts(weights)
 

@@ -103,15 +103,22 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     dt = resolve_dtype(opts.dtype, dev)
     n_threads = opts.threads or default_threads()
     torch.set_num_threads(n_threads)
-    fmt = ("fp8" if cfg.is_fp8_checkpoint else "bf16") if opts.experts == "auto" else opts.experts
-    plan = _plan(cfg, opts, dev, dt, fmt)
+    manifest = store_manifest(model_dir)              # a converted store, or None for an HF checkpoint
+    own = manifest["expert_format"] if manifest else ("fp8" if cfg.is_fp8_checkpoint else "bf16")
+    fmt = own if opts.experts == "auto" else opts.experts
+    if manifest and fmt not in (own, "torch"):
+        raise ValueError(f"{model_dir} is a {own} expert store; use experts='auto' (or '{own}'), or convert the "
+                         f"source again with `hybrid-quant convert --format {fmt}`")
+    plan = _plan(cfg, opts, dev, dt, fmt, mmap=manifest is not None)
     with Checkpoint.open(model_dir) as ckpt:
-        _check_names(cfg, ckpt)
+        _check_names(cfg, ckpt, experts_in_checkpoint=manifest is None)
         model = _build_model(cfg, ckpt, dev, dt)
+        stores = open_stores(model_dir, cfg) if manifest else None
         if fmt == "torch":
-            backend = build_torch_experts(cfg, ckpt, dev, dt)
+            backend = build_torch_experts(cfg, ckpt, dev, dt, stores)
         else:
-            backend = build_cpu_backend(cfg, build_stores(cfg, ckpt, fmt), opts, plan, model, dev, dt, n_threads)
+            backend = build_cpu_backend(cfg, stores or build_stores(cfg, ckpt, fmt), opts, plan, model, dev, dt,
+                                        n_threads)
     for layer in model.model.layers:
         if isinstance(layer.mlp, MoE):
             layer.mlp.experts = backend
@@ -120,7 +127,8 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     return Engine(cfg, model, backend, _tokenizer(model_dir), dev, dt, info)
 
 
-def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str) -> PlacementPlan:
+def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str,
+          mmap: bool = False) -> PlacementPlan:
     import psutil
     host = psutil.virtual_memory().available
     if opts.gpu_memory is not None:
@@ -138,12 +146,40 @@ def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.d
     return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=dt).element_size(),
                           expert_format="bf16" if fmt == "torch" else fmt, context=context,
                           device_memory=dev_mem, host_memory=host,
-                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget)
+                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget, mmap=mmap)
 
 
-def _check_names(cfg: ModelConfig, ckpt: Checkpoint) -> None:
+def store_manifest(model_dir: Path) -> dict | None:
+    """The manifest of a converted store; None for a plain HF folder; an error for a partial conversion."""
+    from quant.convert import JOURNAL, MANIFEST
+    from quant.verify import read_manifest
+    if (model_dir / MANIFEST).exists() or (model_dir / "experts").is_dir() or (model_dir / JOURNAL).exists():
+        return read_manifest(model_dir)      # raises "not a complete store: rerun hybrid-quant convert"
+    return None
+
+
+def open_stores(model_dir: Path, cfg: ModelConfig) -> dict:
+    """Memory-map each MoE layer's expert file (no copy); shapes checked against config.json."""
+    from quant.convert import layer_file
+    from quant.store import LayerStore
+    stores = {}
+    for L in cfg.moe_layers:
+        path = model_dir / layer_file(L)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the store; rerun `hybrid-quant convert`")
+        st = LayerStore.load(path, mmap=True)
+        if (st.spec.hidden, st.spec.inter, st.n_experts) != (cfg.hidden_size, cfg.moe_intermediate_size,
+                                                             cfg.n_routed_experts):
+            raise ValueError(f"{path} holds {st.n_experts} experts of {st.spec.hidden}x{st.spec.inter} but "
+                             f"config.json says {cfg.n_routed_experts} of {cfg.hidden_size}x"
+                             f"{cfg.moe_intermediate_size}; the store and its config.json do not match")
+        stores[L] = st
+    return stores
+
+
+def _check_names(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool = True) -> None:
     expected = set(dense_tensors(cfg))
-    for layer in cfg.moe_layers:
+    for layer in cfg.moe_layers if experts_in_checkpoint else ():
         expected.update(expert_tensors(cfg, layer))
     present = set(ckpt.names)
     missing = sorted(expected - present)

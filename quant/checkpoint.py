@@ -303,6 +303,10 @@ class Checkpoint:
             raise CheckpointError(f"could not be read ({type(e).__name__}: {e})", file=info.file,
                                   tensor=name, fix=REDOWNLOAD) from e
 
+    def get_raw(self, name: str) -> torch.Tensor:
+        """One tensor exactly as stored (any dtype; FP8 stays float8_e4m3fn, its scale is a separate name)."""
+        return self._read(name)
+
     def get(self, name: str, dtype: torch.dtype = torch.float32, expect_shape: tuple | None = None) -> torch.Tensor:
         """Read one tensor as `dtype` (BF16/F16/F32 converted; F8_E4M3 dequantized with its scale).
 

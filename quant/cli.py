@@ -42,6 +42,19 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from .convert import convert
+    convert(a.input, a.output, a.format, a.group_size, a.threads, a.quiet)
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .verify import verify
+    report = verify(a.dir, a.against, a.samples)
+    print(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hybrid-quant", description="Inspect and convert K2 / DeepSeek-V3 checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,9 +64,25 @@ def main(argv=None) -> int:
     i.set_defaults(func=cmd_inspect)
     from .gguf_export import add_export_parser
     add_export_parser(sub)
+    c = sub.add_parser("convert", help="convert an HF checkpoint into the expert store (resumable)")
+    c.add_argument("--input", type=Path, required=True, help="HF model folder: BF16, block-FP8 or compressed-tensors INT4")
+    c.add_argument("--output", type=Path, required=True, help="new or empty folder (or an interrupted conversion)")
+    c.add_argument("--format", required=True, choices=["int4", "fp8", "bf16"])
+    c.add_argument("--group-size", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
+    c.add_argument("--threads", type=int, default=1, help="MoE layers converted at once (each holds one layer's reads)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+    v = sub.add_parser("verify", help="check a converted store's checksums (and numbers against the source)")
+    v.add_argument("dir", type=Path)
+    v.add_argument("--against", type=Path, help="the source checkpoint: compare a sample of experts numerically")
+    v.add_argument("--samples", type=int, default=4, help="experts per MoE layer compared with --against")
+    v.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
         print(f"hybrid-quant: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hybrid-quant: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from cpu_experts.store import LayerStore, StoreSpec
+from quant.store import LayerStore, StoreSpec
 from quant import fp8, int4
 from quant.formats import bf16_bits_to_f32, f32_to_bf16_bits
 

@@ -1,6 +1,6 @@
 """LayerStore: all routed experts of one MoE layer in one uint8 buffer (RAM or a memory-mapped file).
 
-E = experts, H = hidden, I = inter. The byte layout of one expert is cpu_experts/layout.py; expert e
+E = experts, H = hidden, I = inter. The byte layout of one expert is quant/layout.py; expert e
 is bytes [e * stride, (e + 1) * stride) of `buffer`, so one expert is one slice (one memcpy to a GPU).
 
 On disk a layer is one safetensors file holding a single U8 tensor "experts" [E, stride]; the format,
@@ -12,6 +12,7 @@ it without a copy. Any safetensors reader can still open the file.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,9 @@ import numpy as np
 from quant import fp8 as qfp8
 from quant import int4 as qint4
 from quant.formats import bf16_bits_to_f32, f32_to_bf16_bits
-from cpu_experts.layout import EXPERT_ALIGN, LAYOUT_VERSION, MATRICES, make_layout, matrix_shape
+from quant.layout import EXPERT_ALIGN, LAYOUT_VERSION, MATRICES, make_layout, matrix_shape
 
-MAGIC = "cpu_experts.LayerStore"
+MAGIC = "k2hybrid.LayerStore"
 FIX = "re-run the conversion (hybrid-quant convert) to rewrite this layer file"
 
 
@@ -45,8 +46,19 @@ class StoreSpec:
             qint4.check_shape(self.hidden, self.inter, self.group_size)
 
 
+@dataclass(frozen=True)
+class Int4Weights:
+    """An already-quantized symmetric INT4 source (e.g. K2-Thinking's compressed-tensors release):
+    q int8 [out, in] in [-8, 7], scales as bf16 bit patterns uint16 [out, in / group_size]."""
+    q: np.ndarray
+    scales: np.ndarray
+    group_size: int = 32
+
+
 def _to_float(name: str, value, shape) -> np.ndarray:
-    if isinstance(value, tuple):
+    if isinstance(value, Int4Weights):
+        w = qint4.dequantize_groups(value.q, value.scales, value.group_size)
+    elif isinstance(value, tuple):
         codes, scale_inv = value
         w = qfp8.dequantize_blocks(codes, np.asarray(scale_inv, dtype=np.float32))
     else:
@@ -64,6 +76,10 @@ def _encode(spec: StoreSpec, name: str, value, shape) -> dict:
             raise ValueError(f"FP8 expert weight {name!r}: codes {codes.shape} / scale_inv {scale_inv.shape}, "
                              f"expected {shape} / {qfp8.scale_grid_shape(*shape)}")
         return {name: codes, name + "_scale": scale_inv}
+    if spec.fmt == "int4" and isinstance(value, Int4Weights) and value.group_size == spec.group_size:
+        if value.q.shape != shape:            # an INT4 release into the INT4 store: packed as is, lossless
+            raise ValueError(f"INT4 expert weight {name!r} has shape {value.q.shape}, expected {shape}")
+        return {name: qint4.pack(value.q), name + "_scale": np.asarray(value.scales, dtype=np.uint16)}
     w = _to_float(name, value, shape)
     if spec.fmt == "fp8":
         codes, scale_inv = qfp8.quantize_blocks(w)
@@ -91,13 +107,40 @@ class LayerStore:
     def build(cls, spec: StoreSpec, n_experts: int, get_expert: Callable[[int], dict]) -> "LayerStore":
         """Quantize/pack experts 0..n_experts-1 from get_expert(e) -> {"gate","up","down"} into one buffer.
 
-        Each value is a float32 array ([I, H] for gate/up, [H, I] for down) or a block-FP8 tuple
-        (codes uint8, scale_inv float32). fp8 + FP8 source keeps the bytes; everything else goes through
-        float32 (FP8 dequantized first) and the numpy reference quantizer of the target format.
+        Each value is a float32 array ([I, H] for gate/up, [H, I] for down), a block-FP8 tuple
+        (codes uint8, scale_inv float32), or Int4Weights. fp8 + FP8 source keeps the bytes, int4 + INT4
+        source of the same group size keeps codes and scales; everything else goes through float32 and the
+        numpy reference quantizer of the target format.
         """
         store = cls(spec, n_experts, np.zeros(n_experts * make_layout(
             spec.fmt, spec.hidden, spec.inter, spec.group_size).stride, dtype=np.uint8))
-        for e in range(n_experts):
+        store._fill(get_expert)
+        return store
+
+    @classmethod
+    def build_file(cls, path, spec: StoreSpec, n_experts: int, get_expert: Callable[[int], dict]) -> None:
+        """build() straight into a layer file, expert by expert through a memory map, so converting a
+        K2 layer (9.5 GB in INT4) never holds the layer in RAM. Written as PATH.tmp, flushed, fsynced and
+        renamed: PATH exists only complete."""
+        path = Path(path)
+        head = _header(spec, n_experts)
+        size = n_experts * make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + size)
+        buf = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=len(head), shape=(size,))
+        store = cls(spec, n_experts, buf, source=str(tmp))
+        store._fill(get_expert)
+        buf.flush()
+        del buf, store
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    def _fill(self, get_expert: Callable[[int], dict]) -> None:
+        spec = self.spec
+        for e in range(self.n_experts):
             mats = get_expert(e)
             missing = set(MATRICES) - set(mats)
             if missing:
@@ -105,8 +148,7 @@ class LayerStore:
             for m in MATRICES:
                 shape = matrix_shape(m, spec.hidden, spec.inter)
                 for name, arr in _encode(spec, m, mats[m], shape).items():
-                    store.section(e, name)[...] = arr
-        return store
+                    self.section(e, name)[...] = arr
 
     def section(self, e: int, name: str) -> np.ndarray:
         """Typed view (no copy) of one section ("gate", "down_scale", ...) of expert e."""
@@ -143,23 +185,14 @@ class LayerStore:
         return tuple(out)
 
     def metadata(self) -> dict:
-        s = self.spec
-        return {"format": MAGIC, "layout_version": str(LAYOUT_VERSION), "fmt": s.fmt, "hidden": str(s.hidden),
-                "inter": str(s.inter), "group_size": str(s.group_size), "n_experts": str(self.n_experts),
-                "expert_stride": str(self.stride)}
+        return _metadata(self.spec, self.n_experts)
 
     def save(self, path) -> None:
         """Write one safetensors file; the data starts on a 4 KiB boundary (header padded with spaces)."""
         path = Path(path)
-        header = {"__metadata__": self.metadata(),
-                  "experts": {"dtype": "U8", "shape": [self.n_experts, self.stride],
-                              "data_offsets": [0, self.buffer.size]}}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * ((-(8 + len(text))) % EXPERT_ALIGN)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
+            f.write(_header(self.spec, self.n_experts))
             f.write(memoryview(self.buffer))
         tmp.replace(path)
 
@@ -182,6 +215,24 @@ class LayerStore:
         else:
             buf = np.fromfile(path, dtype=np.uint8, count=size, offset=start)
         return cls(spec, n, buf, source=str(path))
+
+
+def _metadata(s: StoreSpec, n_experts: int) -> dict:
+    stride = make_layout(s.fmt, s.hidden, s.inter, s.group_size).stride
+    return {"format": MAGIC, "layout_version": str(LAYOUT_VERSION), "fmt": s.fmt, "hidden": str(s.hidden),
+            "inter": str(s.inter), "group_size": str(s.group_size), "n_experts": str(n_experts),
+            "expert_stride": str(stride)}
+
+
+def _header(spec: StoreSpec, n_experts: int) -> bytes:
+    """8-byte length + JSON header, padded with spaces so the data starts on a 4 KiB boundary."""
+    meta = _metadata(spec, n_experts)
+    size = n_experts * int(meta["expert_stride"])
+    header = {"__metadata__": meta,
+              "experts": {"dtype": "U8", "shape": [n_experts, int(meta["expert_stride"])], "data_offsets": [0, size]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-(8 + len(text))) % EXPERT_ALIGN)
+    return struct.pack("<Q", len(text)) + text
 
 
 def _read_header(path: Path) -> tuple[dict, int, int]:

@@ -1,0 +1,292 @@
+"""hybrid-quant convert: an HF checkpoint (BF16, block-FP8, or K2-Thinking's compressed-tensors INT4) ->
+the expert store that hybrid.load memory-maps.
+
+Output folder:
+    config.json, tokenizer and other side files      copied unchanged
+    model-0000i-of-0000N.safetensors + index          every non-expert tensor exactly as stored (FP8 stays FP8)
+    experts/layer-LLL.safetensors                     one file per MoE layer (quant/store.py), page-aligned
+    hybrid-store.json                                 the manifest, written LAST
+Safety: every file is written under a temporary name, flushed and renamed when complete; a journal
+(.convert-state.json) records finished files with their checksums, so a rerun after Ctrl-C, kill -9 or a
+full disk resumes where it stopped and produces the same bytes as an uninterrupted run. Without the
+manifest the folder is not a store, and hybrid.load refuses it. Memory: one layer at a time per thread,
+written through a memory map. The input is only read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import compressed
+from .checkpoint import INDEX_NAME, SCALE_SUFFIX, Checkpoint
+from .errors import CheckpointError
+from .layout import make_layout
+from .store import LayerStore, StoreSpec
+from .writer import write_sharded
+
+MANIFEST = "hybrid-store.json"
+JOURNAL = ".convert-state.json"
+STORE_FORMAT, STORE_VERSION = "k2hybrid-expert-store", 1
+TOOL_VERSION = "0.1.0"
+FORMATS = ("int4", "fp8", "bf16")
+GROUP_SIZES = (32, 64, 128)
+DENSE_SHARD_BYTES = 4 << 30
+
+
+class ConvertError(ValueError):
+    """The conversion cannot start or go on; the message names the problem and the fix."""
+
+
+def model_shape(cfg: dict, where: str) -> dict:
+    """The few config.json fields the store needs (read here: quant/ does not import hybrid/)."""
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    need = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_hidden_layers", "first_k_dense_replace")
+    missing = [k for k in need if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ConvertError(f"{where}: config.json lacks integer fields {missing}; copy it unchanged from the checkpoint")
+    freq = cfg.get("moe_layer_freq", 1)
+    moe = [L for L in range(cfg["num_hidden_layers"]) if L >= cfg["first_k_dense_replace"] and L % freq == 0]
+    return {"H": cfg["hidden_size"], "I": cfg["moe_intermediate_size"], "E": cfg["n_routed_experts"],
+            "moe_layers": moe, "quantization_config": cfg.get("quantization_config")}
+
+
+def expert_prefix(layer: int, e: int, m: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{e}.{m}_proj"
+
+
+def is_expert_tensor(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def layer_file(layer: int) -> str:
+    return f"experts/layer-{layer:03d}.safetensors"
+
+
+def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int = 1, quiet: bool = False) -> Path:
+    """Convert (or resume converting) input_dir into an expert store at output_dir; returns output_dir."""
+    src, out = Path(input_dir), Path(output_dir)
+    if fmt not in FORMATS:
+        raise ConvertError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if group_size not in GROUP_SIZES or (fmt != "int4" and group_size != 32):
+        raise ConvertError(f"--group-size {group_size}: int4 takes {GROUP_SIZES}; fp8 and bf16 take none")
+    if threads < 1:
+        raise ConvertError(f"--threads must be >= 1, got {threads}")
+    if src.resolve() == out.resolve():
+        raise ConvertError("--output must differ from --input: the input is never modified")
+    cfg_path = src / "config.json"
+    try:
+        cfg_raw = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{cfg_path} does not exist; --input must be the model folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{cfg_path} is not valid JSON ({e}); restore it from the checkpoint") from None
+    shape = model_shape(cfg_raw, str(cfg_path))
+    spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
+    ck = Checkpoint.open(src)                       # validates every shard header before any writing
+    source = _expert_source(ck, shape)
+    params = {"format": STORE_FORMAT, "version": STORE_VERSION, "expert_format": fmt, "group_size": group_size,
+              "source": str(src.resolve()), "source_kind": source.kind}
+    state = _prepare_output(out, params)
+    stride = make_layout(fmt, spec.hidden, spec.inter, group_size).stride
+    dense = [n for n in ck.names if not is_expert_tensor(n)]
+    todo_layers = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
+    need = len(todo_layers) * shape["E"] * stride + (0 if state.get("dense") else _dense_bytes(ck, dense))
+    free = shutil.disk_usage(out).free
+    if need * 1.02 > free:
+        raise ConvertError(f"{out}: the conversion needs about {need / 2**30:.1f} GiB more but the disk has "
+                           f"{free / 2**30:.1f} GiB free; free space or choose another --output")
+    progress = _Progress(quiet, len(shape["moe_layers"]), len(shape["moe_layers"]) - len(todo_layers))
+    _copy_side_files(src, out)
+    if not state.get("dense"):
+        _write_dense(ck, dense, out, state)
+        progress.note(f"dense tensors: {len(dense)} written")
+    (out / "experts").mkdir(exist_ok=True)
+
+    def one(layer):
+        t0 = time.perf_counter()
+        LayerStore.build_file(out / layer_file(layer), spec, shape["E"], lambda e: source.expert(layer, e))
+        return layer, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(threads) as pool:
+        for layer, secs in pool.map(one, todo_layers):
+            rel = layer_file(layer)
+            state["done"][rel] = _file_record(out / rel)
+            _write_json(out / JOURNAL, state)
+            progress.layer(layer, source.layer_bytes, secs)
+    if "source_shards" not in state:
+        state["source_shards"] = {p.name: _sha256(p) for p in sorted(src.glob("*.safetensors"))}
+        _write_json(out / JOURNAL, state)
+    manifest = {**params, "tool_version": TOOL_VERSION, "moe_layers": shape["moe_layers"],
+                "n_experts": shape["E"], "hidden": shape["H"], "inter": shape["I"],
+                "source_shards": state["source_shards"], "files": dict(sorted(state["done"].items()))}
+    _write_json(out / MANIFEST, manifest)        # last: only now is the folder a store
+    (out / JOURNAL).unlink()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    progress.note(f"done: {out} ({fmt}, {len(shape['moe_layers'])} MoE layers); peak RSS {peak:.0f} MiB")
+    return out
+
+
+# ---- the expert source ---------------------------------------------------------------------------------
+class _Source:
+    def __init__(self, ck: Checkpoint, shape: dict, kind: str, group_size: int = 32):
+        self.ck, self.shape, self.kind, self.group = ck, shape, kind, group_size
+        H, I = shape["H"], shape["I"]
+        self.shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+        self.layer_bytes = 0
+
+    def expert(self, layer: int, e: int) -> dict:
+        out = {}
+        for m, shp in self.shapes.items():
+            prefix = expert_prefix(layer, e, m)
+            if self.kind == "compressed-tensors-int4":
+                out[m] = compressed.read_int4(self.ck, prefix, shp, self.group)
+                self.layer_bytes += out[m].q.size // 2 + out[m].scales.size * 2
+            elif self.ck.is_fp8(prefix + ".weight"):
+                if tuple(self.ck.shape(prefix + ".weight")) != shp:
+                    self.ck.get(prefix + ".weight", expect_shape=shp)      # raises, naming file and tensor
+                out[m] = self.ck.get_fp8(prefix + ".weight")
+                self.layer_bytes += out[m][0].size
+            else:
+                out[m] = self.ck.get(prefix + ".weight", dtype=torch.float32, expect_shape=shp).numpy()
+                self.layer_bytes += out[m].size * 2
+        return out
+
+
+def _expert_source(ck: Checkpoint, shape: dict) -> _Source:
+    qc = shape["quantization_config"]
+    if compressed.is_compressed(qc):
+        return _Source(ck, shape, "compressed-tensors-int4", compressed.group_size_of(qc))
+    for L in shape["moe_layers"]:
+        for e in range(shape["E"]):
+            for m in ("gate", "up", "down"):
+                if expert_prefix(L, e, m) + ".weight" not in ck:
+                    raise CheckpointError(f"tensor {expert_prefix(L, e, m) + '.weight'!r} is missing; the "
+                                          f"checkpoint does not match its config.json", file=ck.model_dir)
+    first = expert_prefix(shape["moe_layers"][0], 0, "gate") + ".weight" if shape["moe_layers"] else None
+    return _Source(ck, shape, "block-fp8" if first and ck.is_fp8(first) else "bf16")
+
+
+# ---- output folder, journal, files ---------------------------------------------------------------------
+def _prepare_output(out: Path, params: dict) -> dict:
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--output {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, journal = out / MANIFEST, out / JOURNAL
+    if manifest.exists():
+        old = _read_json(manifest)
+        same = all(old.get(k) == v for k, v in params.items())
+        raise ConvertError(f"{out} already holds a complete store" + (
+            " of these settings; nothing to do (delete it to convert again)" if same else
+            f" of other settings ({old.get('expert_format')}, from {old.get('source')}); choose another --output"))
+    if journal.exists():
+        state = _read_json(journal)
+        if state.get("params") != params:
+            raise ConvertError(f"{out} holds an interrupted conversion with other settings "
+                               f"({state.get('params')}); rerun it with those settings or choose another --output")
+        for tmp in list(out.glob("*.tmp")) + list(out.glob("experts/*.tmp")):
+            tmp.unlink()                                   # a half-written file from the interrupted run
+        for rel, rec in list(state["done"].items()):
+            p = out / rel
+            if not p.exists() or p.stat().st_size != rec["bytes"] or _sha256(p) != rec["sha256"]:
+                del state["done"][rel]                     # damaged since: write it again
+        return state
+    if any(out.iterdir()):
+        raise ConvertError(f"--output {out} is not empty and holds no conversion of ours; choose an empty or "
+                           f"new folder (nothing there was changed)")
+    state = {"params": params, "done": {}, "dense": False}
+    _write_json(journal, state)
+    return state
+
+
+def _write_dense(ck: Checkpoint, names: list[str], out: Path, state: dict) -> None:
+    for p in list(out.glob("model-*.safetensors")) + [out / INDEX_NAME]:
+        p.unlink(missing_ok=True)                          # an interrupted dense pass starts over
+
+    def tensors():
+        for n in names:
+            yield n, ck.get_raw(n).contiguous()
+            if ck.is_fp8(n):
+                yield n + SCALE_SUFFIX, ck.get_raw(n + SCALE_SUFFIX).contiguous()
+    shards = write_sharded(out, tensors(), DENSE_SHARD_BYTES)
+    for p in shards + [out / INDEX_NAME]:
+        state["done"][p.name] = _file_record(p)
+    state["dense"] = True
+    _write_json(out / JOURNAL, state)
+
+
+_ITEM = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+
+
+def _dense_bytes(ck: Checkpoint, names: list[str]) -> int:
+    """Bytes the non-expert tensors take as stored (FP8 scales are a rounding error: counted at 4/16384)."""
+    return sum(_numel(ck.shape(n)) * _ITEM.get(ck.dtype(n), 4) for n in names)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name != INDEX_NAME and not p.name.startswith("."):
+            tmp = out / (p.name + ".tmp")
+            shutil.copyfile(p, tmp)
+            tmp.replace(out / p.name)
+
+
+def _file_record(p: Path) -> dict:
+    return {"sha256": _sha256(p), "bytes": p.stat().st_size}
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"{path} is unreadable ({e}); delete the output folder and convert again") from None
+
+
+class _Progress:
+    def __init__(self, quiet: bool, total: int, done: int):
+        self.quiet, self.total, self.done = quiet, total, done
+        self.t0, self.bytes = time.perf_counter(), 0
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[convert] {text}", file=sys.stderr, flush=True)
+
+    def layer(self, layer: int, source_bytes: int, secs: float) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        rate = source_bytes / elapsed if elapsed else 0.0
+        left = elapsed / max(1, self.done) * (self.total - self.done)
+        self.note(f"layer {layer}: {self.done}/{self.total} MoE layers, {secs:.1f} s; input {source_bytes / 2**30:.2f} GiB "
+                  f"read at {rate / 1e6:.0f} MB/s; ETA {left / 60:.1f} min")
