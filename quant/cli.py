@@ -16,10 +16,20 @@ from .errors import CheckpointError
 _BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def cmd_inspect(a) -> int:
+    """Format, sizes, and what a run needs: device memory for the dense part and the KV cache, host RAM
+    for the routed experts (per format for a checkpoint; as stored for a converted store)."""
+    from .convert import MANIFEST, model_shape
+    from .formats import bytes_per_matrix
+    raw = json.loads((Path(a.dir) / "config.json").read_text()) if (Path(a.dir) / "config.json").is_file() else {}
+    cfg = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
     with Checkpoint.open(a.dir) as ck:
         dtypes, nbytes = Counter(), Counter()
-        expert_bytes = 0
+        dense_bf16 = expert_bytes = 0
         for n in ck.names:
             numel = 1
             for s in ck.shape(n):
@@ -29,16 +39,40 @@ def cmd_inspect(a) -> int:
             nbytes[ck.dtype(n)] += b
             if ".mlp.experts." in n:
                 expert_bytes += b
-        report = {"folder": str(a.dir), "tensors": len(ck.names), "by_dtype": dict(dtypes),
-                  "bytes_by_dtype": dict(nbytes), "routed_expert_bytes": expert_bytes,
-                  "format": "block-fp8" if dtypes.get("F8_E4M3") else "bf16/f32"}
+            else:
+                dense_bf16 += numel * (4 if ".mlp.gate." in n else 2)
+    report = {"folder": str(a.dir), "tensors": len(ck.names), "by_dtype": dict(dtypes),
+              "bytes_by_dtype": dict(nbytes), "format": "block-fp8" if dtypes.get("F8_E4M3") else "bf16/f32",
+              "dense_device_bytes_bf16": dense_bf16}
+    if cfg:
+        report["kv_cache_bytes_per_1k_tokens_bf16"] = 1000 * cfg["num_hidden_layers"] * (
+            cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2
+    manifest = Path(a.dir) / MANIFEST
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        layers = {k: v["bytes"] for k, v in m["files"].items() if k.startswith("experts/")}
+        report.update(format=f"expert store ({m['expert_format']}, group {m['group_size']})",
+                      store_layer_bytes=layers, host_expert_bytes={m["expert_format"]: sum(layers.values())})
+    elif cfg:
+        shape = model_shape(cfg, str(a.dir))
+        H, I, n = shape["H"], shape["I"], shape["E"] * len(shape["moe_layers"])
+        report["routed_expert_bytes_as_stored"] = expert_bytes
+        report["host_expert_bytes"] = {f: n * sum(bytes_per_matrix(f, r, c) for r, c in ((I, H), (I, H), (H, I)))
+                                       for f in ("int4", "fp8", "bf16")}
     if a.json:
         print(json.dumps(report))
-    else:
-        print(f"{report['folder']}: {report['tensors']} tensors, format {report['format']}")
-        for dt, c in sorted(dtypes.items()):
-            print(f"  {dt:8s} {c:6d} tensors  {nbytes[dt] / 2**20:10.1f} MiB")
-        print(f"  routed experts: {expert_bytes / 2**20:.1f} MiB (scales excluded)")
+        return 0
+    print(f"{report['folder']}: {report['tensors']} tensors, format {report['format']}")
+    for dt, c in sorted(dtypes.items()):
+        print(f"  {dt:8s} {c:6d} tensors  {nbytes[dt] / 2**20:10.1f} MiB")
+    for k, v in report.get("store_layer_bytes", {}).items():
+        print(f"  {k}: {v / 2**20:.1f} MiB")
+    print("a run needs:")
+    print(f"  device: dense weights {_size(dense_bf16)} (bf16, router f32)" + (
+        f" + KV cache {report['kv_cache_bytes_per_1k_tokens_bf16'] / 2**20:.1f} MiB per 1k tokens of context"
+        if "kv_cache_bytes_per_1k_tokens_bf16" in report else ""))
+    for f, v in report.get("host_expert_bytes", {}).items():
+        print(f"  host RAM for routed experts in {f}: {_size(v)}")
     return 0
 
 

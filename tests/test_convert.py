@@ -163,3 +163,16 @@ def test_k2_thinking_compressed_tensors_int4_is_lossless(tiny_models, tmp_path):
     report = verify(out, against=ct)
     assert report["ok"] and all(v["max_abs_error"] == 0.0 for v in report["numeric"].values())
     assert hybrid.load(out, device="cpu").generate(PROMPT, 4, stop_ids=())
+
+
+def test_inspect_reports_what_a_run_needs(tiny_models, tmp_path):
+    out = convert(tiny_models("k2", "fp8"), tmp_path / "s", "int4", quiet=True)
+    for d in (tiny_models("k2", "fp8"), out):
+        r = subprocess.run([sys.executable, "-m", "quant", "inspect", str(d), "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["kv_cache_bytes_per_1k_tokens_bf16"] == 1000 * 3 * (32 + 16) * 2   # 3 layers x 48 cached values
+    assert set(rep["host_expert_bytes"]) == {"int4"} and "int4" in rep["format"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert rep["host_expert_bytes"]["int4"] == sum(v["bytes"] for k, v in manifest["files"].items()
+                                                   if k.startswith("experts/"))
