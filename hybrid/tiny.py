@@ -12,9 +12,11 @@ tokenizer_config.json) trained at make time from a bundled corpus.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -88,18 +90,23 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights:
     if weights == "fp8":
         raw["quantization_config"] = FP8_QUANT_CONFIG
     cfg = ModelConfig.from_dict(raw, source=f"preset {preset}")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))   # private to this call
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"]}, indent=2) + "\n")
     write_sharded(tmp, _tensors(cfg, seed, weights, quiet), _SHARD_BYTES[preset])
     if tokenizer:
         write_tokenizer(tmp, tiny_ranks())
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+        # another process finished the same model first (ensure_default_tiny from two commands at once)
     return out
 
 
@@ -136,9 +143,13 @@ def _init(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Ten
 
 
 def default_tiny_dir() -> Path:
-    """The tiny model `hybrid generate` uses when no --model is given (made on first use)."""
+    """The tiny model `hybrid generate` uses when no --model is given (made on first use). The folder name
+    carries a hash of the preset and the tokenizer corpus, so a change to either makes a new model instead
+    of reusing a stale one."""
+    from .bpe import CORPUS
     base = Path(os.environ.get("HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid")
-    return base / "tiny-fp8-seed0"
+    h = hashlib.sha256(json.dumps(PRESETS["tiny"], sort_keys=True).encode() + Path(CORPUS).read_bytes())
+    return base / f"tiny-fp8-seed0-{h.hexdigest()[:10]}"
 
 
 def ensure_default_tiny() -> Path:
