@@ -90,7 +90,7 @@ def bench_llama(gguf: Path, threads: int, prompt_lens, n_decode: int, repeats: i
     res["decode"] = _median_spread([n_decode / run(rng.integers(0, V, 16).tolist(), n_decode)[1]
                                     for _ in range(repeats)])
     res["bytes_per_token"] = _gguf_bytes_per_token(gguf, top_k, n_experts)
-    del llm
+    llm.close()
     gc.collect()
     return res
 

@@ -179,7 +179,7 @@ class CpuMoE:
     def _forward(self, L: _Layer, x: np.ndarray, ids: np.ndarray, wts: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         T, k = ids.shape
-        H, I = L.store.spec.hidden, L.store.spec.inter
+        H = L.store.spec.hidden
         out = np.zeros((T, H), dtype=np.float32)
         flat = ids.reshape(-1)
         keep = np.nonzero(flat >= 0)[0]

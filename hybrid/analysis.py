@@ -47,7 +47,7 @@ def _covered(counts: np.ndarray, n: int) -> tuple[float, float]:
 
 def request_counts(trace: Trace) -> np.ndarray:
     """int64 [R, L, E]: expert counts of each request."""
-    L, E, k = len(trace.model.moe_layers), trace.model.n_experts, trace.model.top_k
+    L, E = len(trace.model.moe_layers), trace.model.n_experts
     out = np.zeros((trace.n_requests, L, E), dtype=np.int64)
     req_of = np.repeat(np.arange(trace.n_requests), np.diff(trace.req))
     key = (req_of[:, None, None] * L + np.arange(L)[None, :, None]) * E + trace.ids.astype(np.int64)
@@ -185,7 +185,6 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
     starts = trace.step[:-1]
     spans = list(zip(starts.tolist(), trace.step[1:].tolist(), (trace.phase[starts] == DECODE).tolist()))
     new_req = set(trace.req[1:-1].tolist())
-    n_decode = int((trace.phase == DECODE).sum())
     out = {}
     for name in policies:
         out[name] = {}

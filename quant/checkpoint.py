@@ -282,6 +282,14 @@ class Checkpoint:
         """The safetensors dtype string: "BF16", "F32", "F8_E4M3", ..."""
         return self._info(name).dtype
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor as stored (its scale companion not included)."""
+        info = self._info(name)
+        n = ITEMSIZE[info.dtype]
+        for d in info.shape:
+            n *= d
+        return n
+
     def is_fp8(self, name: str) -> bool:
         return self._info(name).dtype == FP8_DTYPE
 

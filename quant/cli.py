@@ -10,11 +10,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import ITEMSIZE, Checkpoint
 from .errors import CheckpointError
-
-_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
-
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -23,24 +20,20 @@ def _size(n: float) -> str:
 def cmd_inspect(a) -> int:
     """Format, sizes, and what a run needs: device memory for the dense part and the KV cache, host RAM
     for the routed experts (per format for a checkpoint; as stored for a converted store)."""
-    from .convert import MANIFEST, model_shape
+    from .convert import MANIFEST, model_shape, read_config_dict
     from .formats import bytes_per_matrix
-    raw = json.loads((Path(a.dir) / "config.json").read_text()) if (Path(a.dir) / "config.json").is_file() else {}
-    cfg = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
+    cfg = read_config_dict(a.dir) if (Path(a.dir) / "config.json").is_file() else {}
     with Checkpoint.open(a.dir) as ck:
         dtypes, nbytes = Counter(), Counter()
         dense_bf16 = expert_bytes = 0
         for n in ck.names:
-            numel = 1
-            for s in ck.shape(n):
-                numel *= s
-            b = numel * _BYTES.get(ck.dtype(n), 4)
+            b = ck.nbytes(n)
             dtypes[ck.dtype(n)] += 1
             nbytes[ck.dtype(n)] += b
             if ".mlp.experts." in n:
                 expert_bytes += b
             else:
-                dense_bf16 += numel * (4 if ".mlp.gate." in n else 2)
+                dense_bf16 += b // ITEMSIZE[ck.dtype(n)] * (4 if ".mlp.gate." in n else 2)
     report = {"folder": str(a.dir), "tensors": len(ck.names), "by_dtype": dict(dtypes),
               "bytes_by_dtype": dict(nbytes), "format": "block-fp8" if dtypes.get("F8_E4M3") else "bf16/f32",
               "dense_device_bytes_bf16": dense_bf16}

@@ -45,9 +45,23 @@ class ConvertError(ValueError):
     """The conversion cannot start or go on; the message names the problem and the fix."""
 
 
+def read_config_dict(model_dir: Path, error=ValueError) -> dict:
+    """config.json as a plain dict, K2.5's `text_config` unwrapped. quant/ reads the few fields it needs
+    itself (it does not import hybrid/); `error` is the exception type raised for a missing or bad file."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; pass the model folder that holds config.json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); restore it from the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object")
+    return raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+
+
 def model_shape(cfg: dict, where: str) -> dict:
-    """The few config.json fields the store needs (read here: quant/ does not import hybrid/)."""
-    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    """The few config.json fields the store needs."""
     need = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_hidden_layers", "first_k_dense_replace")
     missing = [k for k in need if not isinstance(cfg.get(k), int)]
     if missing:
@@ -81,14 +95,7 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
         raise ConvertError(f"--threads must be >= 1, got {threads}")
     if src.resolve() == out.resolve():
         raise ConvertError("--output must differ from --input: the input is never modified")
-    cfg_path = src / "config.json"
-    try:
-        cfg_raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{cfg_path} does not exist; --input must be the model folder") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{cfg_path} is not valid JSON ({e}); restore it from the checkpoint") from None
-    shape = model_shape(cfg_raw, str(cfg_path))
+    shape = model_shape(read_config_dict(src, ConvertError), str(src / "config.json"))
     spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
     ck = Checkpoint.open(src)                       # validates every shard header before any writing
     source = _expert_source(ck, shape)
@@ -224,19 +231,9 @@ def _write_dense(ck: Checkpoint, names: list[str], out: Path, state: dict) -> No
     _write_json(out / JOURNAL, state)
 
 
-_ITEM = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
-
-
 def _dense_bytes(ck: Checkpoint, names: list[str]) -> int:
-    """Bytes the non-expert tensors take as stored (FP8 scales are a rounding error: counted at 4/16384)."""
-    return sum(_numel(ck.shape(n)) * _ITEM.get(ck.dtype(n), 4) for n in names)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    """Bytes the non-expert tensors take as stored (FP8 scale grids, 4 bytes per 16384 weights, left out)."""
+    return sum(ck.nbytes(n) for n in names)
 
 
 def _copy_side_files(src: Path, out: Path) -> None:

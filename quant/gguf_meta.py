@@ -6,7 +6,6 @@ needs only a dozen fields, read with the checkpoint's own names.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -32,14 +31,9 @@ def read_config(model_dir: Path) -> dict:
     Adds `rope` = {"theta", "type", and for yarn "factor", "original_max_position_embeddings",
     "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}, read from `rope_scaling` or `rope_parameters`.
     """
+    from quant.convert import read_config_dict
     path = model_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GGUFExportError(f"{path} does not exist; pass the model folder that holds config.json") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise GGUFExportError(f"{path} is not valid JSON ({e}); restore it from the checkpoint") from None
-    cfg = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    cfg = read_config_dict(model_dir, GGUFExportError)
     if cfg.get("model_type") not in ("kimi_k2", "deepseek_v3"):
         raise GGUFExportError(f"{path}: model_type {cfg.get('model_type')!r} is not exportable; "
                               "export-gguf handles kimi_k2 and deepseek_v3 checkpoints")

@@ -9,7 +9,8 @@ import torch
 
 from .checkpoint import Checkpoint
 from .int4 import dequantize_groups
-from .convert import MANIFEST, STORE_FORMAT, ConvertError, _sha256, expert_prefix, layer_file, model_shape
+from .convert import (MANIFEST, STORE_FORMAT, ConvertError, _sha256, expert_prefix, layer_file, model_shape,
+                      read_config_dict)
 from .store import LayerStore
 
 
@@ -62,7 +63,7 @@ def bound(source_kind: str, fmt: str) -> float:
 
 def _numeric(store: Path, m: dict, src: Path, samples: int) -> dict:
     from . import compressed
-    shape = model_shape(json.loads((src / "config.json").read_text()), str(src))
+    shape = model_shape(read_config_dict(src, ConvertError), str(src))
     out = {}
     with Checkpoint.open(src) as ck:
         for L in m["moe_layers"]:

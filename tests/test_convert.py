@@ -1,7 +1,6 @@
 """hybrid-quant convert: stores load with the same logits as in-memory conversion; interruption-safe; bad input."""
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess

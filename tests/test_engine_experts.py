@@ -4,7 +4,6 @@ BF16 and FP8 are exact formats for weights stored that way, so logits match with
 is compared with an oracle loaded with the INT4-rounded weights: float activations match within 1e-4, and
 the default int8-activation path stays within the bound stated below.
 """
-import json
 import shutil
 
 import numpy as np
