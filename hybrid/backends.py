@@ -37,23 +37,14 @@ def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dty
 
 
 def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
-    """One in-memory LayerStore per MoE layer, converted from the checkpoint (FP8 -> fp8 keeps the bytes)."""
-    from cpu_experts import LayerStore, StoreSpec
+    """One in-memory LayerStore per MoE layer, converted from the checkpoint the way `hybrid-quant convert`
+    converts it (FP8 -> fp8 keeps the released bytes)."""
+    from quant.convert import expert_source
+    from quant.store import LayerStore, StoreSpec
     spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
-    shapes = expert_shapes(cfg)
-
-    def source(layer, e):
-        out = {}
-        for key, name, shape in zip(("gate", "up", "down"), expert_names(layer, e), shapes):
-            if ckpt.is_fp8(name):
-                if tuple(ckpt.shape(name)) != shape:
-                    ckpt.get(name, expect_shape=shape)   # raises the shape error naming file and tensor
-                out[key] = ckpt.get_fp8(name)
-            else:
-                out[key] = ckpt.get(name, dtype=torch.float32, expect_shape=shape).numpy()
-        return out
-
-    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source(L, e))
+    source = expert_source(ckpt, {"H": cfg.hidden_size, "I": cfg.moe_intermediate_size, "E": cfg.n_routed_experts,
+                                  "moe_layers": cfg.moe_layers, "quantization_config": cfg.quantization_config})
+    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source.expert(L, e))
             for layer in cfg.moe_layers}
 
 

@@ -63,6 +63,8 @@ class Engine:
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature} and {top_p}")
         x = self._check_ids(ids, max_new_tokens)
         stop = set(self.default_stop_ids() if stop_ids is None else stop_ids)
         gen = torch.Generator()
@@ -70,6 +72,13 @@ class Engine:
         cache = MLACache(self.cfg.num_hidden_layers, len(x) + max_new_tokens, self.cfg.kv_lora_rank,
                          self.cfg.qk_rope_head_dim, self.dtype, self.device)
         out: list[int] = []
+        try:
+            self._decode_loop(x, out, cache, max_new_tokens, temperature, top_p, gen, stop, on_token)
+        finally:
+            self._end_request()      # per-request policy state must not leak into the next request
+        return out
+
+    def _decode_loop(self, x, out, cache, max_new_tokens, temperature, top_p, gen, stop, on_token) -> None:
         with torch.inference_mode():
             t0 = time.perf_counter()
             self._set_phase("prefill")
@@ -91,8 +100,6 @@ class Engine:
                 logits = self.model.logits(h)[0]
                 pos += 1
             self._time("decode", len(out), t0)
-        self._end_request()
-        return out
 
     def default_stop_ids(self) -> tuple[int, ...]:
         ids = set(self.cfg.eos_ids)
@@ -159,7 +166,7 @@ class Engine:
             self.experts.end_request()
 
     def _count_route(self, layer, ids, w) -> None:
-        self._routed += int((ids >= 0).sum())
+        self._routed += ids.numel()          # the router fills every slot (no -1); numel needs no device sync
         for fn in self._route_listeners:
             fn(layer, ids, w, self._phase)
 

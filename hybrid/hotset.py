@@ -55,7 +55,7 @@ class HybridExperts:
         t0 = time.perf_counter()
         if layer in self._ready:
             torch.cuda.current_stream(self.device).wait_event(self._ready.pop(layer))
-        dev = self._device_part(layer, h, ids, w, hits)
+        dev = self._device_part(layer, h, ids, w, hits, ids_np, decision.hits)
         self._hint(layer, h)
         self._add(layer, hot_set=int(decision.hits.sum()), cpu=int((ids_np >= 0).sum() - decision.hits.sum()))
         self.totals["device_seconds"] += time.perf_counter() - t0
@@ -101,12 +101,12 @@ class HybridExperts:
         for k, v in kv.items():
             self.per_layer[layer][k] += v
 
-    def _device_part(self, layer, h, ids, w, hits) -> torch.Tensor:
+    def _device_part(self, layer, h, ids, w, hits, ids_np, hits_np) -> torch.Tensor:
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        if not bool(hits.any()):
+        if not hits_np.any():          # decided on the host copy: no device sync
             return out
         res = self.resident[layer]
-        for e in torch.unique(ids[hits]).tolist():
+        for e in np.unique(ids_np[hits_np]).tolist():
             tok, slot = torch.nonzero((ids == e) & hits, as_tuple=True)
             gate, up, down = res[e]
             x = h[tok].to(gate.dtype)
@@ -125,9 +125,12 @@ class HybridExperts:
         for e in load:
             mats = self.stores[layer].dequantize(e)        # host: packed store -> float32
             if self._cuda:
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))   # evicted blocks are free
                 with torch.cuda.stream(self._stream):
                     res[e] = tuple(torch.from_numpy(m).to(self.dtype).pin_memory().to(self.device, non_blocking=True)
                                    for m in mats)
+                for t in res[e]:       # used on the main stream: the allocator must not reuse it before
+                    t.record_stream(torch.cuda.current_stream(self.device))
             else:
                 res[e] = tuple(torch.from_numpy(m).to(self.device, self.dtype, copy=True) for m in mats)
             nbytes += sum(t.numel() * t.element_size() for t in res[e])

@@ -31,7 +31,10 @@ _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {str(device)!r} is not a device name; use 'auto', 'cpu' or 'cuda[:N]'") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; "
                          f"use device='cpu' (or 'auto')")
@@ -95,6 +98,8 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
                           prefetch=prefetch, placement=placement, transfer_budget=transfer_budget,
                           threads=threads, context=context, gpu_memory=gpu_memory, activations=activations)
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise FileNotFoundError(f"{model_dir} is a file; pass the model folder that holds it")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist; make one with "
                                 f"`hybrid make-tiny --out {model_dir}` or point at an HF checkpoint folder")
@@ -109,7 +114,11 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     if manifest and fmt not in (own, "torch"):
         raise ValueError(f"{model_dir} is a {own} expert store; use experts='auto' (or '{own}'), or convert the "
                          f"source again with `hybrid-quant convert --format {fmt}`")
-    plan = _plan(cfg, opts, dev, dt, fmt, mmap=manifest is not None)
+    if manifest and manifest.get("moe_layers") != cfg.moe_layers:
+        raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
+                         f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
+    plan = _plan(cfg, opts, dev, dt, fmt, mmap=manifest is not None,
+                 group_size=manifest["group_size"] if manifest else 32)
     with Checkpoint.open(model_dir) as ckpt:
         _check_names(cfg, ckpt, experts_in_checkpoint=manifest is None)
         model = _build_model(cfg, ckpt, dev, dt)
@@ -128,7 +137,7 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
 
 
 def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str,
-          mmap: bool = False) -> PlacementPlan:
+          mmap: bool = False, group_size: int = 32) -> PlacementPlan:
     import psutil
     host = psutil.virtual_memory().available
     if opts.gpu_memory is not None:
@@ -146,7 +155,8 @@ def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.d
     return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=dt).element_size(),
                           expert_format="bf16" if fmt == "torch" else fmt, context=context,
                           device_memory=dev_mem, host_memory=host,
-                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget, mmap=mmap)
+                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget, mmap=mmap,
+                          group_size=group_size)
 
 
 def store_manifest(model_dir: Path) -> dict | None:

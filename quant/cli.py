@@ -20,7 +20,7 @@ def _size(n: float) -> str:
 def cmd_inspect(a) -> int:
     """Format, sizes, and what a run needs: device memory for the dense part and the KV cache, host RAM
     for the routed experts (per format for a checkpoint; as stored for a converted store)."""
-    from .convert import MANIFEST, model_shape, read_config_dict
+    from .convert import MANIFEST, is_expert_tensor, model_shape, read_config_dict
     from .formats import bytes_per_matrix
     cfg = read_config_dict(a.dir) if (Path(a.dir) / "config.json").is_file() else {}
     with Checkpoint.open(a.dir) as ck:
@@ -30,7 +30,7 @@ def cmd_inspect(a) -> int:
             b = ck.nbytes(n)
             dtypes[ck.dtype(n)] += 1
             nbytes[ck.dtype(n)] += b
-            if ".mlp.experts." in n:
+            if is_expert_tensor(n):
                 expert_bytes += b
             else:
                 dense_bf16 += b // ITEMSIZE[ck.dtype(n)] * (4 if ".mlp.gate." in n else 2)
@@ -38,6 +38,10 @@ def cmd_inspect(a) -> int:
               "bytes_by_dtype": dict(nbytes), "format": "block-fp8" if dtypes.get("F8_E4M3") else "bf16/f32",
               "dense_device_bytes_bf16": dense_bf16}
     if cfg:
+        model_shape(cfg, str(a.dir))               # a config without the DeepSeek fields: a clear error
+        missing = [k for k in ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim") if not isinstance(cfg.get(k), int)]
+        if missing:
+            raise ValueError(f"{a.dir}/config.json lacks integer fields {missing}; copy it unchanged from the checkpoint")
         report["kv_cache_bytes_per_1k_tokens_bf16"] = 1000 * cfg["num_hidden_layers"] * (
             cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2
     manifest = Path(a.dir) / MANIFEST

@@ -97,12 +97,17 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
         raise ConvertError("--output must differ from --input: the input is never modified")
     shape = model_shape(read_config_dict(src, ConvertError), str(src / "config.json"))
     spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
-    ck = Checkpoint.open(src)                       # validates every shard header before any writing
-    source = _expert_source(ck, shape)
-    params = {"format": STORE_FORMAT, "version": STORE_VERSION, "expert_format": fmt, "group_size": group_size,
-              "source": str(src.resolve()), "source_kind": source.kind}
+    with Checkpoint.open(src) as ck:                # validates every shard header before any writing
+        return _convert(ck, src, out, spec, shape, threads, quiet)
+
+
+def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict, threads: int, quiet: bool) -> Path:
+    source = expert_source(ck, shape)
+    params = {"format": STORE_FORMAT, "version": STORE_VERSION, "expert_format": spec.fmt,
+              "group_size": spec.group_size, "source": str(src.resolve()), "source_kind": source.kind,
+              "source_files": _fingerprint(src)}
     state = _prepare_output(out, params)
-    stride = make_layout(fmt, spec.hidden, spec.inter, group_size).stride
+    stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
     dense = [n for n in ck.names if not is_expert_tensor(n)]
     todo_layers = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
     need = len(todo_layers) * shape["E"] * stride + (0 if state.get("dense") else _dense_bytes(ck, dense))
@@ -120,36 +125,46 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
     def one(layer):
         t0 = time.perf_counter()
         LayerStore.build_file(out / layer_file(layer), spec, shape["E"], lambda e: source.expert(layer, e))
-        return layer, time.perf_counter() - t0
+        return layer, time.perf_counter() - t0, sum(source.nbytes(layer, e) for e in range(shape["E"]))
 
     peak = PeakAnonMemory()
     with peak, ThreadPoolExecutor(threads) as pool:
-        for layer, secs in pool.map(one, todo_layers):
+        for layer, secs, nbytes in pool.map(one, todo_layers):
             rel = layer_file(layer)
             state["done"][rel] = _file_record(out / rel)
             _write_json(out / JOURNAL, state)
-            progress.layer(layer, source.layer_bytes, secs)
+            progress.layer(layer, nbytes, secs)
     if "source_shards" not in state:
         state["source_shards"] = {p.name: _sha256(p) for p in sorted(src.glob("*.safetensors"))}
         _write_json(out / JOURNAL, state)
-    manifest = {**params, "tool_version": TOOL_VERSION, "moe_layers": shape["moe_layers"],
-                "n_experts": shape["E"], "hidden": shape["H"], "inter": shape["I"],
-                "source_shards": state["source_shards"], "files": dict(sorted(state["done"].items()))}
+    manifest = {**{k: v for k, v in params.items() if k != "source_files"}, "tool_version": TOOL_VERSION,
+                "moe_layers": shape["moe_layers"], "n_experts": shape["E"], "hidden": shape["H"],
+                "inter": shape["I"], "source_shards": state["source_shards"],
+                "files": dict(sorted(state["done"].items()))}
     _write_json(out / MANIFEST, manifest)        # last: only now is the folder a store
     (out / JOURNAL).unlink()
-    progress.note(f"done: {out} ({fmt}, {len(shape['moe_layers'])} MoE layers); peak memory of the layer "
+    progress.note(f"done: {out} ({spec.fmt}, {len(shape['moe_layers'])} MoE layers); peak memory of the layer "
                   f"conversion {peak.peak / 2**20:.0f} MiB anonymous (the memory-mapped input and output pages "
                   f"are file-backed and not counted: the kernel drops them under pressure)")
     return out
 
 
+def _fingerprint(src: Path) -> dict:
+    """Size and mtime of each source shard: a resume refuses a source that changed since the first run
+    (full checksums go into the manifest at the end)."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(src.glob("*.safetensors"))}
+
+
 # ---- the expert source ---------------------------------------------------------------------------------
-class _Source:
+class ExpertSource:
+    """Routed experts of a checkpoint in the form LayerStore.build takes: block-FP8 (codes, scale_inv) kept
+    as released, K2-Thinking INT4 as Int4Weights, anything else as float32. Used by the converter and by
+    hybrid.load's in-memory conversion."""
+
     def __init__(self, ck: Checkpoint, shape: dict, kind: str, group_size: int = 32):
         self.ck, self.shape, self.kind, self.group = ck, shape, kind, group_size
         H, I = shape["H"], shape["I"]
         self.shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
-        self.layer_bytes = 0
 
     def expert(self, layer: int, e: int) -> dict:
         out = {}
@@ -157,22 +172,25 @@ class _Source:
             prefix = expert_prefix(layer, e, m)
             if self.kind == "compressed-tensors-int4":
                 out[m] = compressed.read_int4(self.ck, prefix, shp, self.group)
-                self.layer_bytes += out[m].q.size // 2 + out[m].scales.size * 2
             elif self.ck.is_fp8(prefix + ".weight"):
                 if tuple(self.ck.shape(prefix + ".weight")) != shp:
                     self.ck.get(prefix + ".weight", expect_shape=shp)      # raises, naming file and tensor
                 out[m] = self.ck.get_fp8(prefix + ".weight")
-                self.layer_bytes += out[m][0].size
             else:
                 out[m] = self.ck.get(prefix + ".weight", dtype=torch.float32, expect_shape=shp).numpy()
-                self.layer_bytes += out[m].size * 2
         return out
 
+    def nbytes(self, layer: int, e: int) -> int:
+        """Bytes of expert e as stored in the source (what converting it reads)."""
+        suffixes = compressed.SUFFIXES if self.kind == "compressed-tensors-int4" else (".weight",)
+        return sum(self.ck.nbytes(expert_prefix(layer, e, m) + s) for m in self.shapes for s in suffixes)
 
-def _expert_source(ck: Checkpoint, shape: dict) -> _Source:
+
+def expert_source(ck: Checkpoint, shape: dict) -> ExpertSource:
+    """The source of `shape`'s routed experts in ck (checks they are all there for an unquantized/FP8 one)."""
     qc = shape["quantization_config"]
     if compressed.is_compressed(qc):
-        return _Source(ck, shape, "compressed-tensors-int4", compressed.group_size_of(qc))
+        return ExpertSource(ck, shape, "compressed-tensors-int4", compressed.group_size_of(qc))
     for L in shape["moe_layers"]:
         for e in range(shape["E"]):
             for m in ("gate", "up", "down"):
@@ -180,7 +198,7 @@ def _expert_source(ck: Checkpoint, shape: dict) -> _Source:
                     raise CheckpointError(f"tensor {expert_prefix(L, e, m) + '.weight'!r} is missing; the "
                                           f"checkpoint does not match its config.json", file=ck.model_dir)
     first = expert_prefix(shape["moe_layers"][0], 0, "gate") + ".weight" if shape["moe_layers"] else None
-    return _Source(ck, shape, "block-fp8" if first and ck.is_fp8(first) else "bf16")
+    return ExpertSource(ck, shape, "block-fp8" if first and ck.is_fp8(first) else "bf16")
 
 
 # ---- output folder, journal, files ---------------------------------------------------------------------
@@ -191,21 +209,27 @@ def _prepare_output(out: Path, params: dict) -> dict:
     manifest, journal = out / MANIFEST, out / JOURNAL
     if manifest.exists():
         old = _read_json(manifest)
-        same = all(old.get(k) == v for k, v in params.items())
+        same = all(old.get(k) == v for k, v in params.items() if k != "source_files")
         raise ConvertError(f"{out} already holds a complete store" + (
             " of these settings; nothing to do (delete it to convert again)" if same else
             f" of other settings ({old.get('expert_format')}, from {old.get('source')}); choose another --output"))
     if journal.exists():
         state = _read_json(journal)
         if state.get("params") != params:
-            raise ConvertError(f"{out} holds an interrupted conversion with other settings "
-                               f"({state.get('params')}); rerun it with those settings or choose another --output")
+            changed = "the source files changed since it started" if {**state.get("params", {}), "source_files": None} \
+                == {**params, "source_files": None} else f"other settings ({state.get('params')})"
+            raise ConvertError(f"{out} holds an interrupted conversion with {changed}; rerun it with the same "
+                               f"input and settings, or delete {out} (or choose another --output) to start over")
         for tmp in list(out.glob("*.tmp")) + list(out.glob("experts/*.tmp")):
             tmp.unlink()                                   # a half-written file from the interrupted run
         for rel, rec in list(state["done"].items()):
             p = out / rel
             if not p.exists() or p.stat().st_size != rec["bytes"] or _sha256(p) != rec["sha256"]:
                 del state["done"][rel]                     # damaged since: write it again
+                if not rel.startswith("experts/"):
+                    state["dense"] = False                 # a dense shard or the index: redo the dense pass
+        if not state["dense"]:
+            state["done"] = {k: v for k, v in state["done"].items() if k.startswith("experts/")}
         return state
     if any(out.iterdir()):
         raise ConvertError(f"--output {out} is not empty and holds no conversion of ours; choose an empty or "

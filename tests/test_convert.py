@@ -1,6 +1,7 @@
 """hybrid-quant convert: stores load with the same logits as in-memory conversion; interruption-safe; bad input."""
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,41 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert _tree(out) == _tree(ref)
+
+
+def test_resume_rewrites_damaged_files_and_refuses_a_changed_source(tiny_models, tmp_path, monkeypatch):
+    import quant.convert as qc
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models("k2", "fp8"), src)
+    ref = convert(src, tmp_path / "ref", "int4", quiet=True)
+    out = tmp_path / "out"
+    calls = []
+    real = qc.LayerStore.build_file
+
+    def dying(*a, **k):                     # an interruption after the dense pass and one layer
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(qc.LayerStore, "build_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, "int4", quiet=True)
+    monkeypatch.setattr(qc.LayerStore, "build_file", real)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"damaged")           # a finished dense shard damaged between the runs
+    convert(src, out, "int4", quiet=True)
+    assert _tree(out) == _tree(ref)
+    # an interrupted run whose source changed before the resume is refused
+    out2 = tmp_path / "out2"
+    calls.clear()
+    monkeypatch.setattr(qc.LayerStore, "build_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out2, "int4", quiet=True)
+    monkeypatch.setattr(qc.LayerStore, "build_file", real)
+    first = sorted(src.glob("model-*.safetensors"))[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConvertError, match="source files changed"):
+        convert(src, out2, "int4", quiet=True)
 
 
 def test_store_without_manifest_is_refused(tiny_models, tmp_path):

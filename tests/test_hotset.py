@@ -32,10 +32,10 @@ def test_same_tokens_and_logits_wherever_experts_run(model, reference, prefetch,
     assert eng.generate(PROMPT, 12, stop_ids=()) == ref_tokens
     act = eng.stats()["expert_activations"]
     assert act["hot_set"] + act["cpu"] == act["total"] == 2 * 4 * (len(PROMPT) + 11)
-    if budget == "100%" and prefetch == "router":
-        assert act["hot_set"] > 0
     if budget == 0:
-        assert act["hot_set"] == 0
+        assert act["hot_set"] == 0 and "hot_set" not in eng.stats()["expert_backend"]   # no hot set was built
+    else:
+        assert act["hot_set"] > 0 and act["cpu"] > 0 if budget == "25%" else act["hot_set"] > 0
 
 
 def test_all_resident_serves_everything_after_prefill(model):
@@ -72,14 +72,30 @@ def test_transfer_budget_is_respected(model):
     s = eng.stats()["expert_backend"]
     tokens = len(PROMPT) + 9
     for L in (1, 2):
-        assert s["per_layer"][L].get("loads", 0) <= tokens / 4 + 1e-9
+        assert 0 < s["per_layer"][L].get("loads", 0) <= tokens / 4 + 1e-9
 
 
 def test_lookahead_is_measured(model):
     eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="25%")
     eng.generate(PROMPT, 6, stop_ids=())
     s = eng.stats()["expert_backend"]
-    assert 0.0 <= s["lookahead_L+1_precision"] <= 1.0      # tiny model: 2 MoE layers, so only L+1 exists
+    # tiny model: 2 MoE layers, so only L+1 exists. Recompute the L+1 precision by hand: layer 2's router
+    # applied to layer 1's MoE input, against layer 2's actual choice, for every forward step.
+    inputs, chosen = {}, {}
+    m = eng.model.model.layers
+    hook = m[1].mlp.register_forward_pre_hook(lambda mod, args: inputs.setdefault("x", []).append(args[0]))
+    remove = eng.add_route_listener(lambda L, ids, w, ph: chosen.setdefault(L, []).append(ids))
+    eng.reset_stats()
+    eng.generate(PROMPT, 6, stop_ids=())
+    hook.remove()
+    remove()
+    hit = n = 0
+    for x, actual in zip(inputs["x"], chosen[2]):
+        pred, _ = m[2].mlp.gate(x)
+        hit += sum(len(set(p.tolist()) & set(a.tolist())) for p, a in zip(pred, actual))
+        n += actual.numel()
+    s = eng.stats()["expert_backend"]
+    assert s["lookahead_L+1_precision"] == pytest.approx(hit / n) and hit > 0
     assert s["lookahead_L+2_precision"] is None
 
 
