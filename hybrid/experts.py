@@ -16,6 +16,22 @@ import torch
 import torch.nn.functional as F
 
 
+def mix_experts(h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, mask, ids_np, weights_of) -> torch.Tensor:
+    """sum_j w[t, j] * Expert_{ids[t, j]}(h[t]) over the slots where mask [T, k] (host bool) is set, in float32
+    on h's device; weights_of(e) -> (gate [I, H], up [I, H], down [H, I]) torch tensors on that device."""
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    if not mask.any():
+        return out
+    mask_t = torch.from_numpy(mask).to(ids.device)
+    for e in np.unique(ids_np[mask]).tolist():
+        tok, slot = torch.nonzero((ids == e) & mask_t, as_tuple=True)
+        gate, up, down = weights_of(e)
+        x = h[tok].to(gate.dtype)
+        y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down).float()
+        out.index_add_(0, tok, y * w[tok, slot, None].float())
+    return out
+
+
 class TorchExperts:
     """weights[layer] = (gate [E, I, H], up [E, I, H], down [E, H, I]) torch tensors on one device."""
 
@@ -30,13 +46,9 @@ class TorchExperts:
     def submit(self, layer: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
         t0 = time.perf_counter()
         gate, up, down = self.weights[layer]
-        out = torch.zeros_like(h, dtype=torch.float32)
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            tok, slot = torch.nonzero(ids == e, as_tuple=True)
-            x = h[tok].to(gate.dtype)
-            y = F.linear(F.silu(F.linear(x, gate[e])) * F.linear(x, up[e]), down[e]).float()
-            out.index_add_(0, tok, y * w[tok, slot, None].float())
-        self.activations += int((ids >= 0).sum())
+        ids_np = ids.cpu().numpy()
+        out = mix_experts(h, ids, w, ids_np >= 0, ids_np, lambda e: (gate[e], up[e], down[e]))
+        self.activations += int((ids_np >= 0).sum())
         self.seconds += time.perf_counter() - t0
         return out
 

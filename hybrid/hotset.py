@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .experts import mix_experts
 from .policies import HotSetPolicy
 
 # T = tokens, k = experts per token, H = hidden, I = expert width
@@ -49,13 +49,13 @@ class HybridExperts:
         ids_np = ids.detach().cpu().numpy()
         self._score_lookahead(layer, ids_np)
         decision = self.policies[layer].access(ids_np, self.phase)
-        hits = torch.from_numpy(decision.hits).to(ids.device)
-        cpu_ids = ids.masked_fill(hits, -1)
+        cpu_ids = ids.masked_fill(torch.from_numpy(decision.hits).to(ids.device), -1)
         ticket = self.cpu.submit(layer, h, cpu_ids, w)
         t0 = time.perf_counter()
         if layer in self._ready:
             torch.cuda.current_stream(self.device).wait_event(self._ready.pop(layer))
-        dev = self._device_part(layer, h, ids, w, hits, ids_np, decision.hits)
+        res = self.resident[layer]
+        dev = mix_experts(h, ids, w, decision.hits, ids_np, res.__getitem__)
         self._hint(layer, h)
         self._add(layer, hot_set=int(decision.hits.sum()), cpu=int((ids_np >= 0).sum() - decision.hits.sum()))
         self.totals["device_seconds"] += time.perf_counter() - t0
@@ -100,19 +100,6 @@ class HybridExperts:
     def _add(self, layer: int, **kv) -> None:
         for k, v in kv.items():
             self.per_layer[layer][k] += v
-
-    def _device_part(self, layer, h, ids, w, hits, ids_np, hits_np) -> torch.Tensor:
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        if not hits_np.any():          # decided on the host copy: no device sync
-            return out
-        res = self.resident[layer]
-        for e in np.unique(ids_np[hits_np]).tolist():
-            tok, slot = torch.nonzero((ids == e) & hits, as_tuple=True)
-            gate, up, down = res[e]
-            x = h[tok].to(gate.dtype)
-            y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down).float()
-            out.index_add_(0, tok, y * w[tok, slot, None].float())
-        return out
 
     def _copy(self, layer: int, load, evict, count: bool = True) -> None:
         if not load and not evict:
