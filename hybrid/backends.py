@@ -49,17 +49,18 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
 
 
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan, model,
-                      dev: torch.device, dt: torch.dtype, threads: int):
+                      dev: torch.device, dt: torch.dtype, threads: int, placement: dict | None = None):
+    """placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others."""
     from cpu_experts import CpuMoE
     cpu = CpuExperts(CpuMoE(stores, threads=threads, activations=opts.activations))
     policy_name = opts.prefetch if opts.prefetch not in ("auto",) else "router"
     if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
         return cpu
     per_token = _loads_per_token(opts.transfer_budget, plan)
-    placement = _placement(opts, cfg) if policy_name == "static" else {}
+    placement = placement if policy_name == "static" and placement else {}
     policies = {}
     for L in cfg.moe_layers:
-        resident = placement.get(L, [])[: plan.experts_per_layer] if placement else []
+        resident = placement.get(L, [])[: plan.experts_per_layer]
         cap = plan.experts_per_layer
         policies[L] = make_policy(policy_name, cfg.n_routed_experts, cap, per_token, resident)
     return HybridExperts(cpu, stores, policies, dev, dt, _lookahead(cfg, model))
@@ -72,11 +73,6 @@ def _loads_per_token(budget, plan: PlacementPlan) -> float:
     b = parse_size(budget)
     per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
     return b / per_copy if per_copy else math.inf
-
-
-def _placement(opts: RuntimeOptions, cfg: ModelConfig) -> dict[int, list[int]]:
-    from .report import read_placement
-    return read_placement(opts.placement, expect=cfg)
 
 
 def _lookahead(cfg: ModelConfig, model) -> dict:

@@ -117,8 +117,12 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     if manifest and manifest.get("moe_layers") != cfg.moe_layers:
         raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
                          f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
+    placement = None
+    if opts.prefetch == "static":
+        from .report import read_placement
+        placement = read_placement(opts.placement, expect=cfg)      # read once: sizes the plan, seeds the set
     plan = _plan(cfg, opts, dev, dt, fmt, mmap=manifest is not None,
-                 group_size=manifest["group_size"] if manifest else 32)
+                 group_size=manifest["group_size"] if manifest else 32, placement=placement)
     with Checkpoint.open(model_dir) as ckpt:
         _check_names(cfg, ckpt, experts_in_checkpoint=manifest is None)
         model = _build_model(cfg, ckpt, dev, dt)
@@ -127,7 +131,7 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
             backend = build_torch_experts(cfg, ckpt, dev, dt, stores)
         else:
             backend = build_cpu_backend(cfg, stores or build_stores(cfg, ckpt, fmt), opts, plan, model, dev, dt,
-                                        n_threads)
+                                        n_threads, placement)
     for layer in model.model.layers:
         if isinstance(layer.mlp, MoE):
             layer.mlp.experts = backend
@@ -137,7 +141,7 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
 
 
 def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str,
-          mmap: bool = False, group_size: int = 32) -> PlacementPlan:
+          mmap: bool = False, group_size: int = 32, placement: dict | None = None) -> PlacementPlan:
     import psutil
     host = psutil.virtual_memory().available
     if opts.gpu_memory is not None:
@@ -147,9 +151,8 @@ def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.d
     else:
         dev_mem = host
     budget = opts.gpu_expert_budget
-    if opts.prefetch == "static" and budget in (0, "0", None):
-        from .report import read_placement
-        most = max((len(v) for v in read_placement(opts.placement, expect=cfg).values()), default=0)
+    if placement is not None and budget in (0, "0", None):
+        most = max((len(v) for v in placement.values()), default=0)
         budget = f"{100 * most / cfg.n_routed_experts}%"
     context = opts.context or min(cfg.max_position_embeddings, 32768)
     return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=dt).element_size(),
