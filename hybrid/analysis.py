@@ -174,8 +174,10 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
 
     Static starts from the trace's own top experts per layer (the placement.json this trace would give);
     the others start empty. Router receives the trace's hints, if any, before each step.
-    Returns {policy: {fraction: {"hit_rate", "loads_per_token", "decode_hit_rate"}}} pooled over `layers`
-    (indices into the trace's layer axis; default all)."""
+    Returns {policy: {fraction: {"hit_rate", "loads_per_token", and the same split by phase: "decode_hit_rate",
+    "prefill_hit_rate", "decode_loads_per_token", "prefill_loads_per_token" (None for a phase with no
+    tokens)}}} pooled over `layers` (indices into the trace's layer axis; default all); loads are per token
+    per layer."""
     if not trace.has_tokens:
         raise ValueError("this trace holds counts only (e.g. SGLang stat mode): replay needs per-token routing; "
                          "record with --expert-distribution-recorder-mode per_token")
@@ -190,7 +192,7 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
         out[name] = {}
         for f in fractions:
             cap = n_of(f, E)
-            hits = valid = d_hits = d_valid = loads = 0
+            hits = valid = d_hits = d_valid = loads = d_loads = d_tokens = 0
             for li in layers:
                 resident = top_experts(counts[li], cap).tolist() if name == "static" else ()
                 p = make_policy(name, E, cap, loads_per_token, resident=resident)
@@ -206,9 +208,15 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
                     hits, valid, loads = hits + h, valid + v, loads + len(dcs.load)
                     if dec:
                         d_hits, d_valid = d_hits + h, d_valid + v
+                        d_loads, d_tokens = d_loads + len(dcs.load), d_tokens + (e - s)
+            nl = max(1, len(layers))
+            p_valid, p_tokens = valid - d_valid, trace.n_tokens * nl - d_tokens
             out[name][f] = {"hit_rate": hits / valid if valid else 0.0,
                             "decode_hit_rate": d_hits / d_valid if d_valid else None,
-                            "loads_per_token": loads / (trace.n_tokens * len(layers)) if layers else 0.0}
+                            "prefill_hit_rate": (hits - d_hits) / p_valid if p_valid else None,
+                            "loads_per_token": loads / (trace.n_tokens * nl),
+                            "decode_loads_per_token": d_loads / d_tokens if d_tokens else None,
+                            "prefill_loads_per_token": (loads - d_loads) / p_tokens if p_tokens else None}
     return out
 
 
