@@ -1,4 +1,4 @@
-"""`hybrid` command line: generate, serve, profile, make-tiny."""
+"""`hybrid` command line: generate, serve, profile, plan, make-tiny."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from .profile_cli import add_profile_parser
     add_profile_parser(sub)
+    from .plan_cli import add_plan_parser
+    add_plan_parser(sub)
     return p
 
 

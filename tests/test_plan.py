@@ -1,0 +1,232 @@
+"""`hybrid plan`: the performance model and the placement on cases worked out on paper, the presets, the CLI's
+output and its errors, and calibration on this machine (small sizes)."""
+import json
+
+import numpy as np
+import pytest
+
+from hybrid.cli import main
+from hybrid.config import ModelConfig
+from hybrid.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_gpus, parse_host, parse_rate
+from hybrid.known_models import resolve_config
+from hybrid.perf import ModelCost, Rates, decode_time, prefill_time
+from hybrid.placement import PlanError, dense_device_bytes, expert_host_bytes
+from hybrid.planner import host_check, make_plan, place
+from hybrid.synth import params_with, synthesize
+from hybrid.tiny import PRESETS
+
+# A model small enough to add up by hand: a dense layer and a MoE layer, 4 experts, top-2.
+HAND = ModelCost(layers=((False, 100, 200, 0), (True, 100, 50, 0)), head_bytes=50, head_params=0, embed_bytes=0,
+                 kv_bytes_per_token=1, expert_host=10, expert_device=40, expert_params=20, top_k=2, n_experts=4,
+                 attn_flops_per_pair=0, kvb_flops_per_token=0)
+RATES = Rates(hbm=100, cpu_experts=10, link=20, dequantize=10, device_flops=100, cpu_flops=10,
+              token_s=1, dense_layer_s=2, moe_layer_s=3, overlap=True)
+
+
+def test_decode_time_by_hand_with_overlap():
+    r = decode_time(HAND, RATES, hit=0.5, loads=0.5, context=10)
+    # token 1 + 50/100; dense 2 + (100+10)/100 + 200/100; MoE 3 + 110/100 + max((50 + 2*.5*40)/100, 2*.5*10/10)
+    compute = 1.5 + 5.1 + (3 + 1.1 + max(0.9, 1.0))
+    # copies: 0.5 per token x 1 MoE layer: host 0.5*20/10 = 1.0 (serial), link 0.5*40/20 = 1.0 (side stream)
+    assert r["seconds"] == pytest.approx(max(compute, 1.0) + 1.0)
+    assert r["terms_s"]["fixed costs"] == pytest.approx(6.0)
+    assert r["terms_s"]["device memory bandwidth"] == pytest.approx(0.5 + 3.1 + 2.0)
+    assert r["terms_s"]["DRAM bandwidth"] == pytest.approx(1.0)
+    assert r["terms_s"]["host copies + link"] == pytest.approx(2.0)
+    assert r["binding"] == "fixed costs" and r["roofline_per_s"] == pytest.approx(1 / 6)
+
+
+def test_decode_time_by_hand_without_overlap():
+    r = decode_time(HAND, Rates(**{**RATES.__dict__, "overlap": False, "serial": 1.0}), hit=0.5, loads=0.5,
+                    context=10)
+    assert r["seconds"] == pytest.approx(1.5 + 5.1 + (3 + 1.1 + 0.9 + 1.0) + 1.0 + 1.0)
+
+
+def test_decode_time_partial_overlap_and_measured_layer_rates():
+    r = decode_time(HAND, Rates(**{**RATES.__dict__, "serial": 0.5, "attn": 50, "ffn": 25, "dense": 200}),
+                    hit=0.5, loads=0.0, context=10)
+    # token 1.5; dense 2 + 100/50 + 10/100 + 200/200; MoE 3 + 2 + 0.1 + max(G, C) + 0.5 min(G, C) with
+    # G = (50 + 40) / 25 = 3.6 and C = 1.0
+    assert r["seconds"] == pytest.approx(1.5 + 5.1 + (5.1 + 3.6 + 0.5))
+
+
+def test_decode_time_all_on_cpu_and_all_on_device():
+    none = decode_time(HAND, RATES, hit=0.0, loads=0.0, context=0)
+    full = decode_time(HAND, RATES, hit=1.0, loads=0.0, context=0)
+    assert none["terms_s"]["DRAM bandwidth"] == pytest.approx(2 * 10 / 10)
+    assert "DRAM bandwidth" not in full["terms_s"]
+    assert full["terms_s"]["device memory bandwidth"] == pytest.approx(0.5 + 3.0 + 1.0 + (50 + 80) / 100)
+
+
+def test_prefill_time_by_hand():
+    c = ModelCost(layers=((True, 100, 0, 50),), head_bytes=0, head_params=0, embed_bytes=0, kv_bytes_per_token=0,
+                  expert_host=10, expert_device=20, expert_params=10, top_k=1, n_experts=2, attn_flops_per_pair=0,
+                  kvb_flops_per_token=0)
+    r = prefill_time(c, Rates(**{**RATES.__dict__, "moe_layer_s": 2}), hit=0.0, loads=0.0, prompt=2, chunk=512)
+    # device: max(2*2*50 / 100, 100 / 100) = 2 s; CPU: 2 tokens x 1 expert: max(2*10*2 / 10, 1.5 experts x 10 / 10)
+    # = 4 s (1.5 = 2 * (1 - (1 - 1/2)^2) distinct experts); overlapped: 4; + token 1 + MoE layer 2
+    assert r["seconds"] == pytest.approx(7.0)
+    assert r["binding"] == "CPU compute" and r["terms_s"]["device compute"] == pytest.approx(2.0)
+
+
+def test_model_cost_agrees_with_the_placement_byte_counts():
+    cfg, _ = resolve_config("kimi-k2")
+    c = ModelCost.of(cfg, 2, "int4")
+    stored = c.embed_bytes + sum(a + f for _, a, f, _ in c.layers) + c.head_bytes - cfg.hidden_size * 2
+    assert stored == dense_device_bytes(cfg, 2)                    # two computations, one answer
+    assert c.expert_host == expert_host_bytes(cfg, "int4")
+    assert c.expert_device == 3 * 7168 * 2048 * 2 and c.kv_bytes_per_token == 576 * 2
+    assert c.moe_layers == 60 and c.layers[0][0] is False
+    # K2's attention per layer: q_a 1536x7168 + q_b 12288x1536 + kv_a 576x7168 + kv_b 16384x512 + o 7168x8192,
+    # plus the norms (7168 + 1536 + 512 + 7168 after attention)
+    attn = 1536 * 7168 + 64 * 192 * 1536 + 576 * 7168 + 64 * 256 * 512 + 7168 * 64 * 128 + 7168 + 1536 + 512 + 7168
+    assert c.layers[5][1] == attn * 2
+
+
+def _machine(n_gpus=2, memory=100, **kw) -> Machine:
+    gpu = GpuSpec("toy", memory, 100.0, 100.0, 20.0, "test")
+    fields = {"ram": 10**6, "dram_bandwidth": 10.0, "sockets": 1, "cores": 1, "gpu_reserve": 0, "host_reserve": 0,
+              **DEV_CALIBRATION, **kw}
+    return Machine(gpu=gpu, n_gpus=n_gpus, **fields)
+
+
+TOY = ModelCost(layers=((False, 10, 20, 0), (True, 10, 10, 0), (True, 10, 10, 0)), head_bytes=20, head_params=0,
+                embed_bytes=20, kv_bytes_per_token=1, expert_host=1, expert_device=5, expert_params=1, top_k=2,
+                n_experts=8, attn_flops_per_pair=0, kvb_flops_per_token=0)
+
+
+def test_placement_by_hand():
+    # items at context 10: embed 20, L0 30+10, L1 and L2 20+10+5c each, head 20; two GPUs of 100 bytes.
+    # c=2: GPU0 = 20+40+40 = 100, GPU1 = 40+20 = 60. c=3: GPU0 = 60 (L1 is 45: 105), GPU1 = 45+45+20 = 110: no.
+    shares, cap = place(TOY, _machine(), context=10, want=8)
+    assert cap == 2
+    g0, g1 = shares
+    assert (g0.embed, g0.first_layer, g0.last_layer, g0.free_bytes) == (True, 0, 1, 0)
+    assert (g1.head, g1.first_layer, g1.last_layer, g1.free_bytes, g1.hot_bytes) == (True, 2, 2, 40, 10)
+    assert place(TOY, _machine(), context=10, want=1)[1] == 1       # a smaller request is honoured
+
+
+def test_placement_reports_the_context_that_fits():
+    # without a hot set: x <= 15 keeps L1 on GPU0; else GPU1 holds L1 + L2 + head = 60 + 2x <= 100: x <= 20
+    place(TOY, _machine(), context=20, want=0)
+    with pytest.raises(PlanError, match="most context that fits is 20 tokens"):
+        place(TOY, _machine(), context=21, want=0)
+    with pytest.raises(PlanError, match="dense weights do not fit"):
+        place(TOY, _machine(n_gpus=1), context=1, want=0)
+
+
+def test_host_ram_too_small_names_what_fits():
+    cfg, _ = resolve_config("kimi-k2")
+    m = _machine(ram=700 * 2**30)
+    with pytest.raises(PlanError) as e:
+        host_check(cfg, ModelCost.of(cfg, 2, "fp8"), m, "fp8")
+    msg = str(e.value)
+    assert "1.00 TiB" not in msg and "of host RAM, but the machine has 700.00 GiB" in msg
+    assert "int4 needs 531.56 GiB (fits)" in msg and "fp8 needs" in msg
+
+
+def test_presets_and_parsers():
+    n, g = parse_gpus("4xA100-80GB")
+    assert n == 4 and g is GPUS["A100-80GB"] and g.flops == 312e12      # dense, not the sparse 624
+    assert parse_gpus("rtx4090")[1].memory == 24 * 2**30
+    assert GPUS["H100"].flops == 989.5e12 and GPUS["H200"].bandwidth == 4800e9
+    s, h = parse_host("2xsapphire-rapids")
+    assert s == 2 and h.bandwidth == 8 * 4800e6 * 8                   # 307.2 GB/s per socket
+    assert parse_rate("600GB/s") == 600e9 and parse_rate("25 GB/s") == 25e9
+    with pytest.raises(ValueError, match="unknown GPU 'B200'.*known: A100-40GB"):
+        parse_gpus("8xB200")
+    with pytest.raises(ValueError, match="unknown CPU preset"):
+        parse_host("2xpentium")
+    for spec in GPUS.values():
+        assert spec.source and spec.memory > 0 and spec.link > 0
+
+
+def test_plan_on_a_tiny_config_with_a_trace():
+    cfg = ModelConfig.from_dict(PRESETS["tiny"])
+    trace = synthesize(__import__("hybrid.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
+                       params_with(n_requests=2, prompt_tokens=64, new_tokens=16))
+    m = _machine(n_gpus=1, memory=64 * 2**20, ram=2**30)
+    plan = make_plan(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256)
+    assert plan.experts_per_layer == 4 and not plan.hot_set_capped
+    assert [r["policy"] for r in plan.rows] == ["none", "static", "lru", "lfu", "router"]
+    none, static = plan.rows[0], plan.rows[1]
+    assert none["decode_hit_rate"] == 0 and static["decode_hit_rate"] > 0 and static["decode_loads"] == 0
+    # hits move routed-expert bytes from the CPU side to the device side, nothing else changes
+    cost = ModelCost.of(cfg, m.dtype_bytes, "int4")
+    moved = cost.moe_layers * cost.top_k * static["decode_hit_rate"]
+    assert none["decode"]["cpu_expert_bytes"] - static["decode"]["cpu_expert_bytes"] == pytest.approx(moved * cost.expert_host)
+    assert "GPU 0" in plan.describe() and json.dumps(plan.to_json())
+
+
+def test_cli_plan_k2_json(capsys):
+    rc = main(["plan", "--gpus", "4xA100-80GB", "--cpu", "2xsapphire-rapids", "--ram", "1TiB", "--context", "32k",
+               "--calibration", "/nonexistent/cal.json", "--policies", "static,router", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["gpus"]) == 4 and d["experts_per_layer"] > 0 and d["context"] == 32768
+    assert d["host_store_bytes"] == 384 * 60 * expert_host_bytes(resolve_config("kimi-k2")[0], "int4")
+    assert [r["policy"] for r in d["rows"]] == ["none", "static", "router"]
+    for r in d["rows"]:
+        assert r["decode_tokens_per_s"] > 0 and r["decode"]["binding"]
+    assert any("development machine" in a for a in d["assumptions"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "8xB200", "--cpu", "genoa"], "unknown GPU 'B200'"),
+    (["--gpus", "H100", "--cpu", "genoa", "--ram", "256GiB"], "of host RAM, but the machine has 256.00 GiB"),
+    (["--gpus", "RTX4090", "--cpu", "genoa"], "dense weights do not fit"),
+    (["--gpus", "2xRTX4090", "--gpu-memory", "16GiB", "--cpu", "genoa", "--context", "128k"], "most context that fits is"),
+    (["--gpus", "H100"], "--cpu 2xsapphire-rapids"),
+    (["--cpu", "genoa"], "--gpus 4xA100-80GB"),
+    (["--gpus", "H100", "--cpu", "genoa", "--hot-set", "lots"], "cannot read --hot-set"),
+    (["--gpus", "H100", "--cpu", "genoa", "--config", "llama"], "unknown model 'llama'"),
+])
+def test_cli_plan_bad_input(capsys, args, message):
+    assert main(["plan", "--calibration", "/nonexistent/cal.json", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid: error: ") and message in err and "Traceback" not in err
+
+
+def test_calibrate_then_plan_this_machine(tmp_path, capsys):
+    from hybrid.calibrate import calibrate, load_calibration
+    d = tmp_path / "tiny"
+    from hybrid.tiny import make_tiny
+    make_tiny(d, tokenizer=False)
+    cfg = ModelConfig.from_file(d)
+    path = calibrate(tmp_path / "cal.json", device="cpu", threads=1, pool_gib=0.02, formats=("fp8",),
+                     device_gib=0.05, configs=[cfg], join_shape=(512, 256), log=lambda s: None)
+    cal = load_calibration(path)
+    fp8 = cal["cpu_side"]["formats"]["fp8"]
+    assert 0 < fp8["kernel_efficiency"] and fp8["decode_gbs"] > 0 and fp8["dequantize_params_per_s"] > 0
+    assert cal["device_side"]["matvec_gbs"] > 0 and cal["overheads"]["moe_layer_s"] >= 0
+    assert 0 <= cal["join"]["serial"] <= 1
+    (mod,) = cal["modules"].values()
+    assert mod["attn_s"] > 0 and mod["shared_s"] > 0 and mod["dense_s"] > 0
+    assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format", "fp8",
+                 "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
+    assert out["machine"]["attn_rate"] == pytest.approx(mod["attn_gbs"] * 1e9)      # this shape was timed
+    assert out["machine"]["kernel_efficiency"]["fp8"] == pytest.approx(fp8["kernel_efficiency"])
+
+
+def test_load_calibration_errors(tmp_path):
+    from hybrid.calibrate import load_calibration
+    with pytest.raises(FileNotFoundError, match="hybrid plan --calibrate"):
+        load_calibration(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a calibration file"):
+        load_calibration(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text(json.dumps({"version": 0}))
+    with pytest.raises(ValueError, match="version-1 calibration"):
+        load_calibration(tmp_path / "old.json")
+
+
+def test_replay_splits_loads_by_phase():
+    from hybrid.analysis import replay
+    t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=32), n_layers=2)
+    r = replay(t, ("lru",), (0.05,), loads_per_token=0.25)["lru"][0.05]
+    decode_tokens = 2 * 32
+    total = r["decode_loads_per_token"] * decode_tokens + r["prefill_loads_per_token"] * (t.n_tokens - decode_tokens)
+    assert total == pytest.approx(r["loads_per_token"] * t.n_tokens)
+    assert 0 <= r["prefill_hit_rate"] <= 1 and np.isfinite(r["decode_hit_rate"])
