@@ -7,9 +7,10 @@ HybridExperts is an expert backend (submit / wait, like CpuExperts) that splits 
       device: the hit slots through the resident copies (meanwhile, on the device)
       look-ahead: the routers of layers L+1 and L+2 applied to this h -> hints for their policies
     wait(ticket) -> CPU part + device part; then the copies the policy decided (load / evict), timed
-Resident experts are dequantized to the compute dtype on the device. On CUDA a load is a pinned host
-buffer copied on a side stream, and the layer's next use waits on that copy's event; on the CPU stand-in
-it is a real, timed memory copy. Results do not depend on where an expert ran beyond the CPU kernel's own
+Resident experts are dequantized to the compute dtype on the device. On CUDA a load copies the expert's
+packed bytes (pinned staging) on a side stream and decodes them there (hybrid/expert_copy.py), and the
+layer's next use waits on that copy's event; on the CPU stand-in it is numpy's decoder plus a real, timed
+memory copy. Results do not depend on where an expert ran beyond the CPU kernel's own
 rounding (both sides use the same stored weights).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from .expert_copy import device_expert
 from .experts import mix_experts
 from .policies import HotSetPolicy
 
@@ -110,15 +112,14 @@ class HybridExperts:
             res.pop(e, None)
         nbytes = 0
         for e in load:
-            mats = self.stores[layer].dequantize(e)        # host: packed store -> float32
-            if self._cuda:
+            if self._cuda:         # the packed bytes travel; the dequantization runs on the device
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))   # evicted blocks are free
                 with torch.cuda.stream(self._stream):
-                    res[e] = tuple(torch.from_numpy(m).to(self.dtype).pin_memory().to(self.device, non_blocking=True)
-                                   for m in mats)
+                    res[e] = device_expert(self.stores[layer], e, self.device, self.dtype)
                 for t in res[e]:       # used on the main stream: the allocator must not reuse it before
                     t.record_stream(torch.cuda.current_stream(self.device))
-            else:
+            else:                  # the CPU stand-in: numpy's reference decoder is the faster one here
+                mats = self.stores[layer].dequantize(e)
                 res[e] = tuple(torch.from_numpy(m).to(self.device, self.dtype, copy=True) for m in mats)
             nbytes += sum(t.numel() * t.element_size() for t in res[e])
         if self._cuda and load:
