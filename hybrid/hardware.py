@@ -10,6 +10,7 @@ with FP32 accumulate.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -88,7 +89,7 @@ HOSTS = {
 DEV_CALIBRATION = {
     "kernel_efficiency": {"int4": 0.79, "fp8": 0.73, "bf16": 0.87},
     "cpu_flops_per_core": {"int4": 290e9, "fp8": 145e9, "bf16": 133e9},
-    "dequantize": {"int4": 0.17e9, "fp8": 0.16e9, "bf16": 0.30e9},
+    "stage": 5.2e9,
     "token_s": 12e-6, "dense_layer_s": 246e-6, "moe_layer_s": 630e-6,
 }
 
@@ -115,7 +116,9 @@ class Machine:
     cores: int                             # all sockets
     kernel_efficiency: dict
     cpu_flops_per_core: dict
-    dequantize: dict                       # params/s of turning a stored expert into a device copy
+    stage: float                           # B/s of staging a packed expert in pinned host memory
+    dequantize: dict = field(default_factory=lambda: dict.fromkeys(("int4", "fp8", "bf16"), math.inf))
+    packed_copies: bool = True             # packed bytes cross the link, decoded on the GPU (expert_copy.py)
     dram_efficiency: float = DEFAULTS["dram_efficiency"][0]
     numa_efficiency: float = 1.0
     hbm_efficiency: float = DEFAULTS["hbm_efficiency"][0]
@@ -136,7 +139,8 @@ class Machine:
     def rates(self, fmt: str) -> Rates:
         cpu_bw = self.dram_bandwidth * self.dram_efficiency * self.numa_efficiency * self.kernel_efficiency[fmt]
         return Rates(hbm=self.gpu.bandwidth * self.hbm_efficiency, cpu_experts=cpu_bw, link=self.gpu.link,
-                     dequantize=self.dequantize[fmt], device_flops=self.gpu.flops * self.mfu,
+                     dequantize=self.dequantize[fmt], stage=self.stage, packed_copies=self.packed_copies,
+                     device_flops=self.gpu.flops * self.mfu,
                      cpu_flops=self.cpu_flops_per_core[fmt] * self.cores, token_s=self.token_s,
                      dense_layer_s=self.dense_layer_s, moe_layer_s=self.moe_layer_s, overlap=self.overlap,
                      serial=self.serial, attn=self.attn_rate, ffn=self.ffn_rate, dense=self.dense_rate)
@@ -192,7 +196,7 @@ def from_calibration(cal: dict) -> dict:
         return {fmt: f[fmt][key] * scale if fmt in f else v for fmt, v in DEV_CALIBRATION[dev_key].items()}
     return {"kernel_efficiency": pick("kernel_efficiency", "kernel_efficiency"),
             "cpu_flops_per_core": pick("prefill_gflops_per_thread", "cpu_flops_per_core", 1e9),
-            "dequantize": pick("dequantize_params_per_s", "dequantize"),
+            "stage": cal["device_side"]["copy_gbs"] * GB,
             "token_s": o["token_s"], "dense_layer_s": o["dense_layer_s"], "moe_layer_s": o["moe_layer_s"]}
 
 
@@ -207,6 +211,11 @@ def local_machine(cal: dict, cfg=None) -> Machine:
                   dv["matmul_gflops"] * 1e9, dv["copy_gbs"] * GB, "hybrid plan --calibrate " + cal["created"])
     threads = int(cal["threads"])
     fields = from_calibration(cal)
+    if not cuda:      # the stand-in decodes copies with numpy on the host and copies the float weights
+        f = cal["cpu_side"]["formats"]
+        fields.update(stage=math.inf, packed_copies=False,
+                      dequantize={fmt: f[fmt]["dequantize_params_per_s"] if fmt in f else math.nan
+                                  for fmt in ("int4", "fp8", "bf16")})
     notes = [f"measured on {cal['cpu']} ({threads} threads), {cal['created']}",
              "device side = torch on " + dv["device"] + ("" if cuda else " standing in for the GPU: it shares "
                                                           "cores and memory with the CPU experts")]

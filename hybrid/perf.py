@@ -8,8 +8,8 @@ Everything is batch 1, one request, what `hybrid generate` and the server do. Sy
     k, h            experts per token, share of them served by the device hot set (from trace replay)
     n_load          hot-set loads per token per MoE layer (from trace replay; bounded by the transfer budget)
 Rates: W_hbm (device memory bandwidth reached by matrix-vector products), W_cpu = W_dram * kernel efficiency
-(the CPU kernels' measured fraction of the read loop), W_link (host-to-device copies), R_deq (host cost of
-turning a stored expert into a device copy, params/s), F_dev / F_cpu (FLOP/s ceilings), fixed costs o_tok,
+(the CPU kernels' measured fraction of the read loop), W_link (host-to-device copies), R_deq and R_stage (host
+work per copied expert: decoding, params/s, and staging, B/s), F_dev / F_cpu (FLOP/s ceilings), fixed costs o_tok,
 o_dense, o_moe (Python, dispatch, syncs, the CPU call; measured by `hybrid plan --calibrate`).
 
 Decode, per token:
@@ -18,8 +18,10 @@ Decode, per token:
                   G = (B_ffn + k h B_dev) / W_ffn                    shared expert + hot-set experts (device)
                   C = k (1 - h) B_host / W_cpu                       missed experts on the CPU kernels
     token:        o_tok + B_head / W_hbm
-    copies:       n_load * moe_layers * (params / R_deq)  on the host (serial: the engine waits for it),
-                  and n_load * moe_layers * B_dev / W_link on the link
+    copies:       n = n_load * moe_layers experts per token: n (params / R_deq + B_host / R_stage) on the host
+                  (serial: the engine waits for it), and n B / W_link on the link, B = B_host when the packed
+                  bytes travel and are decoded on the device (CUDA; the decode itself, ~0.1 ms per K2 expert,
+                  is left out), B = B_dev when the host decodes (the CPU stand-in)
 join(G, C) = max(G, C) + s min(G, C): s = 0 when the device and the CPU run at once (CUDA: the CPU call is
 submitted, the shared expert runs, then wait), s = 1 when they take turns; `hybrid plan --calibrate` measures
 s (on the CPU stand-in they share cores and the memory bus: s is near 1). W_attn, W_ffn, W_dense are W_hbm
@@ -39,6 +41,7 @@ resource were the only cost.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from quant.formats import bytes_per_matrix
@@ -53,9 +56,11 @@ class Rates:
     hbm: float                  # W_hbm, B/s
     cpu_experts: float          # W_cpu = DRAM read bandwidth x kernel efficiency, B/s
     link: float                 # W_link, B/s
-    dequantize: float           # R_deq, params/s
+    dequantize: float           # R_deq, params/s of decoding a copied expert on the host (inf: decoded on device)
     device_flops: float         # F_dev, FLOP/s reached in prefill matmuls
     cpu_flops: float            # F_cpu, FLOP/s of the CPU expert kernels in prefill
+    stage: float = math.inf     # R_stage, B/s of staging the packed bytes in pinned host memory (serial)
+    packed_copies: bool = False # the packed bytes cross the link (CUDA), else the decoded copy does
     token_s: float = 0.0        # o_tok
     dense_layer_s: float = 0.0  # o_dense
     moe_layer_s: float = 0.0    # o_moe
@@ -147,8 +152,7 @@ def decode_time(c: ModelCost, r: Rates, hit: float, loads: float, context: int) 
         total += r.moe_layer_s + a + join(g, cc, r.serial)
         dev, cpu, fixed = dev + a + g, cpu + cc, fixed + r.moe_layer_s
     n = loads * c.moe_layers
-    host_copy = n * c.expert_params / r.dequantize
-    link = n * c.expert_device / r.link
+    host_copy, link = copy_time(c, r, n)
     compute = total
     total = (max(compute, link) if r.overlap else compute + link) + host_copy
     terms = {"device memory bandwidth": dev, "DRAM bandwidth": cpu, "host copies + link": host_copy + link,
@@ -190,11 +194,16 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
             o = r.moe_layer_s if moe else r.dense_layer_s
             terms["fixed costs"] += o
             total += o + join(dev_t, cpu_t, r.serial)
-    n = loads * c.moe_layers * prompt
-    host_copy, link = n * c.expert_params / r.dequantize, n * c.expert_device / r.link
+    host_copy, link = copy_time(c, r, loads * c.moe_layers * prompt)
     terms["host copies + link"] = host_copy + link
     total = (max(total, link) if r.overlap else total + link) + host_copy
     return _result(total, terms, {"tokens": prompt, "host_copy_s": host_copy, "link_s": link})
+
+
+def copy_time(c: ModelCost, r: Rates, n: float) -> tuple[float, float]:
+    """(serial host seconds, link seconds) of n expert copies: host decode and staging, then the transfer."""
+    host = n * (c.expert_params / r.dequantize + c.expert_host / r.stage)
+    return host, n * (c.expert_host if r.packed_copies else c.expert_device) / r.link
 
 
 def distinct(n: int, per_token: float, T: int) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .placement import parse_size
 
-SYNTH_REQUESTS = 8
+SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/synth.py)
 
 
 def add_plan_parser(sub) -> None:
@@ -92,11 +92,11 @@ def build_machine(a, cfg) -> tuple:
         cores = a.cpu_cores or (host.cores * sockets if host else 64)
         if Path(cal_path).is_file():
             cpu_fields = from_calibration(load_calibration(cal_path))
-            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, copy cost and fixed costs: measured by "
+            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured by "
                          f"`hybrid plan --calibrate` ({cal_path})")
         else:
             cpu_fields = dict(DEV_CALIBRATION)
-            notes.append("CPU kernel efficiency, prefill FLOP/s per core, copy cost and fixed costs: measured on this "
+            notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured on this "
                          "project's development machine (run `hybrid plan --calibrate` to use yours)")
         m = Machine(gpu=gpu, n_gpus=n, ram=parse_size(a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
                     cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
@@ -179,13 +179,14 @@ def cmd_plan(a) -> int:
     transfer = AUTO_TRANSFER if a.transfer_budget == "auto" else float(a.transfer_budget)
     notes = [f"routing: {source}; replayed through the runtime's policy classes on up to 4 MoE layers; the static "
              f"set is the trace's own top experts (in-sample: an upper bound for a profile of similar traffic)"] + notes
-    notes.append("hot-set experts are stored dequantized on the GPU (compute dtype); each copy is dequantized on the "
-                 f"host first ({cfg.moe_intermediate_size * cfg.hidden_size * 3 / m.dequantize[a.format]:.2f} s per "
-                 f"expert here), which is what makes run-time copies expensive")
+    e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
+    copy = ("the packed bytes are staged in pinned memory, cross the link and are decoded on the GPU"
+            if m.packed_copies else f"decoded on the host first ({e_params / m.dequantize[a.format]:.2f} s per expert)")
+    notes.append(f"hot-set experts are stored dequantized on the GPU (compute dtype); a copy: {copy}")
     policies = tuple(x for x in a.policies.split(",") if x)
     plan = make_plan(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
                      prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
-                     assumptions=notes)
+                     assumptions=notes, trace_label=source.split(",")[0].split(" (")[0])
     if a.json:
         print(json.dumps(_finite(plan.to_json()), indent=1))
     else:

@@ -193,7 +193,7 @@ def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max
 
 def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace: Trace, *,
               hot_set: str | int | float = "auto", prompt_tokens: int = 4096, policies=POLICIES,
-              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4) -> Plan:
+              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4, trace_label: str | None = None) -> Plan:
     """The plan for `cfg` on machine `m` (see the module docstring). hot_set: "auto" (all free GPU memory),
     a share "10%", or experts per layer (int)."""
     _check_shape(cfg, trace)
@@ -217,7 +217,7 @@ def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, 
                      "decode": dec, "decode_tokens_per_s": 1 / dec["seconds"], "decode_full_context": full,
                      "prefill": pre, "prefill_tokens_per_s": prompt / pre["seconds"]})
     plan = Plan(label, fmt, context, prompt, m, tuple(gpus), cap, str(hot_set), cap < min(want, cfg.n_routed_experts),
-                cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device, store, need, trace.source,
+                cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device, store, need, trace_label or trace.source,
                 tuple(rows), tuple(assumptions) + m.notes, tuple(cfg.moe_layers))
     return plan
 

@@ -42,6 +42,14 @@ def test_decode_time_by_hand_without_overlap():
     assert r["seconds"] == pytest.approx(1.5 + 5.1 + (3 + 1.1 + 0.9 + 1.0) + 1.0 + 1.0)
 
 
+def test_decode_time_packed_copies_cost_staging_and_link():
+    r = decode_time(HAND, Rates(**{**RATES.__dict__, "dequantize": float("inf"), "stage": 5, "packed_copies": True}),
+                    hit=0.5, loads=0.5, context=10)
+    # 0.5 copies per token: staging 0.5 * 10 / 5 = 1.0 s on the host; the packed 10 bytes cross the link in
+    # 0.5 * 10 / 20 = 0.25 s on the side stream, hidden behind the 11.7 s of compute
+    assert r["seconds"] == pytest.approx(11.7 + 1.0) and r["link_s"] == pytest.approx(0.25)
+
+
 def test_decode_time_partial_overlap_and_measured_layer_rates():
     r = decode_time(HAND, Rates(**{**RATES.__dict__, "serial": 0.5, "attn": 50, "ffn": 25, "dense": 200}),
                     hit=0.5, loads=0.0, context=10)
