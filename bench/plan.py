@@ -69,8 +69,8 @@ def main(argv=None) -> None:
     context = a.prompt_tokens + a.new_tokens // 2           # mean KV length over the decode steps
     print(f"# {a.requests} requests x ({a.prompt_tokens} prompt + {a.new_tokens} new tokens), fp8 experts, "
           f"{a.threads} threads, calibration {cal_path}")
-    print("| budget | policy | experts/layer | hits, all tokens (replay / run) | copies (replay / run) | decode ms/token "
-          "predicted | measured | predicted/measured | prefill s predicted | measured |")
+    print("| budget | policy | experts/layer | hits, all tokens (replay / run) | copies (replay / run) "
+          "| decode ms/token predicted | measured | predicted/measured | prefill s predicted | measured |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for budget in [b for b in a.budgets.split(",") if b]:

@@ -204,7 +204,7 @@ def local_machine(cal: dict, cfg=None) -> Machine:
     """This machine as its calibration measured it. With a CUDA device the GPU is that device as measured;
     on the CPU stand-in the "GPU" is torch on the same cores. With `cfg`, the device rates of its attention,
     shared-expert and dense layers come from the calibration's timings of modules of that shape, if any."""
-    from .calibrate import modules_key
+    from .calibrate_device import modules_key
     dv = cal["device_side"]
     cuda = dv["device"].startswith("cuda")
     gpu = GpuSpec(f"{dv['device']} ({dv['dtype']}, measured)", int(cal["ram_bytes"]), dv["matvec_gbs"] * GB,
@@ -229,11 +229,12 @@ def local_machine(cal: dict, cfg=None) -> Machine:
         notes.append(f"layers of this shape were not timed: device rates = matrix-vector {dv['matvec_gbs']:.1f} GB/s "
                      f"(run `hybrid plan --calibrate --config MODEL` to time them)")
     join = cal.get("join", {})
-    notes.append(f"device and CPU-expert work overlap with serial fraction {join.get('serial', 0.0 if cuda else 1.0):.2f}"
+    serial = float(join.get("serial", 0.0 if cuda else 1.0))
+    notes.append(f"device and CPU-expert work overlap with serial fraction {serial:.2f}"
                  + (" (measured)" if join else " (not measured)"))
     return Machine(gpu=gpu, n_gpus=1, ram=int(cal["ram_bytes"]), dram_bandwidth=cal["cpu_side"]["read_gbs"] * GB,
                    sockets=1, cores=threads, dram_efficiency=1.0, numa_efficiency=1.0, hbm_efficiency=1.0,
-                   mfu=1.0, overlap=cuda, serial=float(join.get("serial", 0.0 if cuda else 1.0)),
+                   mfu=1.0, overlap=cuda, serial=serial,
                    dtype_bytes=int(dv["dtype_bytes"]), gpu_reserve=0, host_reserve=0, notes=tuple(notes), **fields)
 
 

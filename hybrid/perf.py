@@ -157,8 +157,9 @@ def decode_time(c: ModelCost, r: Rates, hit: float, loads: float, context: int) 
     total = (max(compute, link) if r.overlap else compute + link) + host_copy
     terms = {"device memory bandwidth": dev, "DRAM bandwidth": cpu, "host copies + link": host_copy + link,
              "fixed costs": fixed}
+    cpu_bytes = c.moe_layers * c.top_k * (1 - hit) * c.expert_host
     return _result(total, terms, {"compute_s": compute, "host_copy_s": host_copy, "link_s": link,
-                                  "kv_bytes": kv * len(c.layers), "cpu_expert_bytes": c.moe_layers * c.top_k * (1 - hit) * c.expert_host})
+                                  "kv_bytes": kv * len(c.layers), "cpu_expert_bytes": cpu_bytes})
 
 
 def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, chunk: int = 512,

@@ -92,12 +92,12 @@ def build_machine(a, cfg) -> tuple:
         cores = a.cpu_cores or (host.cores * sockets if host else 64)
         if Path(cal_path).is_file():
             cpu_fields = from_calibration(load_calibration(cal_path))
-            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured by "
-                         f"`hybrid plan --calibrate` ({cal_path})")
+            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: "
+                         f"measured by `hybrid plan --calibrate` ({cal_path})")
         else:
             cpu_fields = dict(DEV_CALIBRATION)
-            notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured on this "
-                         "project's development machine (run `hybrid plan --calibrate` to use yours)")
+            notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured "
+                         "on this project's development machine (run `hybrid plan --calibrate` to use yours)")
         m = Machine(gpu=gpu, n_gpus=n, ram=parse_size(a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
                     cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
         src = f"{host.name}: {host.source}" if host and not a.cpu_bandwidth else "given (--cpu-bandwidth)"
@@ -123,9 +123,9 @@ def build_machine(a, cfg) -> tuple:
         over[k.strip()] = _value(k.strip(), v.strip())
         notes.append(f"{k.strip()} = {v.strip()} (given)")
     m = with_overrides(m, **over)
-    notes.append(f"fixed costs per decode token: {m.moe_layer_s * 1e6:.0f} us per MoE layer, {m.dense_layer_s * 1e6:.0f} us "
-                 f"per dense layer, {m.token_s * 1e6:.0f} us per token (host-side Python and dispatch, measured; a "
-                 f"faster host shortens them)")
+    notes.append(f"fixed costs per decode token: {m.moe_layer_s * 1e6:.0f} us per MoE layer, "
+                 f"{m.dense_layer_s * 1e6:.0f} us per dense layer, {m.token_s * 1e6:.0f} us per token (host-side "
+                 f"Python and dispatch, measured; a faster host shortens them)")
     return m, notes
 
 

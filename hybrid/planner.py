@@ -41,7 +41,8 @@ class GpuShare:
             ([f"layers {self.first_layer}-{self.last_layer}"] if self.last_layer >= self.first_layer else []) + \
             (["lm_head"] if self.head else [])
         return (f"GPU {self.index}: {' + '.join(parts)}: dense {gib(self.dense_bytes)} + KV {gib(self.kv_bytes)} + "
-                f"hot set {gib(self.hot_bytes)} ({per_layer} experts x {moe_on_gpu} MoE layers), {gib(self.free_bytes)} free")
+                f"hot set {gib(self.hot_bytes)} ({per_layer} experts x {moe_on_gpu} MoE layers), "
+                f"{gib(self.free_bytes)} free")
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,14 @@ class Plan:
         lines = [f"plan: {self.model}, {self.expert_format} experts in host RAM, context {self.context} tokens",
                  f"machine: {m.n_gpus} x {m.gpu.name} ({gib(m.gpu.memory)}, {m.gpu.bandwidth / 1e9:.0f} GB/s, "
                  f"{m.gpu.flops / 1e12:.0f} TFLOPS, link {m.gpu.link / 1e9:.1f} GB/s); host {m.sockets} socket(s), "
-                 f"{m.cores} cores, DRAM {m.dram_bandwidth / 1e9:.0f} GB/s -> CPU experts read at {cpu / 1e9:.0f} GB/s; "
+                 f"{m.cores} cores, DRAM {m.dram_bandwidth / 1e9:.0f} GB/s -> CPU experts read at "
+                 f"{cpu / 1e9:.0f} GB/s; "
                  f"RAM {gib(m.ram)}", "placement:"]
-        moe_of = lambda g: sum(1 for L in self.moe_layer_ids if g.first_layer <= L <= g.last_layer)
-        lines += ["  " + g.describe(moe_of(g), self.experts_per_layer) for g in self.gpus]
-        lines.append(f"  hot set: {self.experts_per_layer} of {self.n_experts} experts in each of {self.moe_layers} MoE "
-                     f"layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
+        for g in self.gpus:
+            moe_here = sum(1 for L in self.moe_layer_ids if g.first_layer <= L <= g.last_layer)
+            lines.append("  " + g.describe(moe_here, self.experts_per_layer))
+        lines.append(f"  hot set: {self.experts_per_layer} of {self.n_experts} experts in each of {self.moe_layers} "
+                     f"MoE layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
                      f"{gib(self.expert_device_bytes)} each on the GPU (dequantized)"
                      + (f"; capped by GPU memory (asked {self.hot_set_request})" if self.hot_set_capped else ""))
         lines.append(f"  host: routed experts ({self.expert_format}) {gib(self.host_store_bytes)} + reserve "
@@ -94,7 +97,8 @@ class Plan:
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in self.rows:
             d = r["decode"]
-            lines.append(f"| {r['policy']} | {100 * r['decode_hit_rate']:.1f} % | {r['decode_loads'] * self.moe_layers:.2f} | "
+            lines.append(f"| {r['policy']} | {100 * r['decode_hit_rate']:.1f} % | "
+                         f"{r['decode_loads'] * self.moe_layers:.2f} | "
                          f"{1 / d['seconds']:.2f} | {1 / r['decode_full_context']['seconds']:.2f} | "
                          f"{r['prefill_tokens_per_s']:.1f} | {d['binding']} ({1e3 * d['terms_s'][d['binding']]:.1f} of "
                          f"{1e3 * d['seconds']:.1f} ms) | {d['roofline_per_s']:.1f} tok/s |")
@@ -193,7 +197,8 @@ def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max
 
 def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace: Trace, *,
               hot_set: str | int | float = "auto", prompt_tokens: int = 4096, policies=POLICIES,
-              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4, trace_label: str | None = None) -> Plan:
+              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4,
+              trace_label: str | None = None) -> Plan:
     """The plan for `cfg` on machine `m` (see the module docstring). hot_set: "auto" (all free GPU memory),
     a share "10%", or experts per layer (int)."""
     _check_shape(cfg, trace)
@@ -229,6 +234,9 @@ def _check_shape(cfg: ModelConfig, trace: Trace) -> None:
         TraceModel.from_config(cfg).check(trace.model, "the routing trace")
 
 
+_HOT_SET_HELP = "cannot read --hot-set {!r}; write auto, 10% or a number of experts per layer"
+
+
 def _want(hot_set, n_experts: int) -> int:
     if hot_set in ("auto", None):
         return n_experts
@@ -236,14 +244,14 @@ def _want(hot_set, n_experts: int) -> int:
         try:
             share = float(hot_set.strip()[:-1]) / 100
         except ValueError:
-            raise ValueError(f"cannot read --hot-set {hot_set!r}; write auto, 10% or a number of experts per layer") from None
+            raise ValueError(_HOT_SET_HELP.format(hot_set)) from None
         if not 0 <= share <= 1:
             raise ValueError(f"--hot-set share must lie in 0%..100%, got {hot_set!r}")
         return int(share * n_experts + 1e-9)
     try:
         n = int(hot_set)
     except (TypeError, ValueError):
-        raise ValueError(f"cannot read --hot-set {hot_set!r}; write auto, 10% or a number of experts per layer") from None
+        raise ValueError(_HOT_SET_HELP.format(hot_set)) from None
     if not 0 <= n <= n_experts:
         raise ValueError(f"--hot-set must lie in 0..{n_experts} experts per layer, got {n}")
     return n
