@@ -146,18 +146,31 @@ def gib_or(v: float) -> str:
     return f"{v / 2**30:.0f} GiB" if v >= 2**20 else f"{v:g}"
 
 
-def load_trace(a, cfg, label: str):
-    """The routing trace to replay, and a sentence on where it came from."""
+def trace_source(a, cfg):
+    """(a function that loads or synthesizes the routing trace to replay, a sentence on where it comes from).
+    Loading waits until the model is known to fit: a 32-request synthetic trace takes a few seconds."""
     from .synth import PRESETS, params_with, synthesize
     from .trace import TraceModel, read_trace
     if a.trace:
-        t = read_trace(a.trace)
-        return t, f"trace {a.trace} ({t.n_requests} requests, {t.n_tokens} tokens)"
-    key = str(a.config).lower()
-    model = PRESETS.get(key) or TraceModel.from_config(cfg)
-    t = synthesize(model, params_with(n_requests=SYNTH_REQUESTS), n_layers=min(4, len(model.moe_layers)))
-    return t, (f"synthetic, {SYNTH_REQUESTS} requests of 768 prompt + 256 new tokens, K2-calibrated concentration "
-               f"(10 % of experts: 19 % of activations by global frequency, 45 % by the request's own)")
+        return (lambda: read_trace(a.trace)), f"trace {a.trace}"
+    model = PRESETS.get(str(a.config).lower()) or TraceModel.from_config(cfg)
+    return ((lambda: synthesize(model, params_with(n_requests=SYNTH_REQUESTS), n_layers=min(4, len(model.moe_layers)))),
+            f"synthetic, {SYNTH_REQUESTS} requests of 768 prompt + 256 new tokens, K2-calibrated concentration "
+            f"(10 % of experts: 19 % of activations by global frequency, 45 % by the request's own)")
+
+
+def parse_transfer(text: str) -> float:
+    from .planner import AUTO_TRANSFER
+    if text == "auto":
+        return AUTO_TRANSFER
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise ValueError(f"--transfer-budget wants auto or a number of copies per token per MoE layer >= 0 "
+                         f"(the runtime's auto is 1/16 = 0.0625), got {text!r}")
+    return v
 
 
 def cmd_plan(a) -> int:
@@ -172,11 +185,11 @@ def cmd_plan(a) -> int:
         print(f"calibration stored in {path}; plan this machine with `hybrid plan --config MODEL --machine local`")
         return 0
     from .known_models import resolve_config
-    from .planner import AUTO_TRANSFER, make_plan
+    from .planner import make_plan
     cfg, label = resolve_config(a.config)
     m, notes = build_machine(a, cfg)
-    trace, source = load_trace(a, cfg, label)
-    transfer = AUTO_TRANSFER if a.transfer_budget == "auto" else float(a.transfer_budget)
+    transfer = parse_transfer(a.transfer_budget)
+    trace, source = trace_source(a, cfg)
     notes = [f"routing: {source}; replayed through the runtime's policy classes on up to 4 MoE layers; the static "
              f"set is the trace's own top experts (in-sample: an upper bound for a profile of similar traffic)"] + notes
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3

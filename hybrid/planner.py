@@ -112,13 +112,13 @@ def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple
     store = cost.expert_host * cost.n_experts * cost.moe_layers
     need = store + m.host_reserve
     if need > m.ram:
-        alt = []
-        for f in ("int4", "fp8", "bf16"):
-            s = ModelCost.of(cfg, m.dtype_bytes, f).expert_host * cost.n_experts * cost.moe_layers + m.host_reserve
-            alt.append(f"{f} needs {gib(s)}" + (" (fits)" if s <= m.ram else ""))
+        needs = {f: ModelCost.of(cfg, m.dtype_bytes, f).expert_host * cost.n_experts * cost.moe_layers + m.host_reserve
+                 for f in ("int4", "fp8", "bf16")}
+        alt = "; ".join(f"{f} needs {gib(v)}" + (" (fits)" if v <= m.ram else "") for f, v in needs.items())
+        fix = ("use a format that fits (--format)" if any(v <= m.ram for v in needs.values()) else
+               f"no format fits: give the machine at least {gib(needs['int4'])} of RAM (--ram)")
         raise PlanError(f"the routed experts in {fmt} take {gib(store)} + {gib(m.host_reserve)} reserve = {gib(need)} "
-                        f"of host RAM, but the machine has {gib(m.ram)}; {'; '.join(alt)}. Use a smaller format or "
-                        f"more RAM (--ram)")
+                        f"of host RAM, but the machine has {gib(m.ram)}; {alt}. {fix[0].upper() + fix[1:]}")
     return store, need
 
 
@@ -195,19 +195,21 @@ def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max
     return out
 
 
-def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace: Trace, *,
+def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace, *,
               hot_set: str | int | float = "auto", prompt_tokens: int = 4096, policies=POLICIES,
               transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4,
               trace_label: str | None = None) -> Plan:
-    """The plan for `cfg` on machine `m` (see the module docstring). hot_set: "auto" (all free GPU memory),
-    a share "10%", or experts per layer (int)."""
-    _check_shape(cfg, trace)
+    """The plan for `cfg` on machine `m` (see the module docstring). trace: a Trace, or a function returning
+    one (called only once the model is known to fit). hot_set: "auto" (all free GPU memory), a share "10%",
+    or experts per layer (int)."""
     cost = ModelCost.of(cfg, m.dtype_bytes, fmt)
     store, need = host_check(cfg, cost, m, fmt)
     want = _want(hot_set, cfg.n_routed_experts)
     if not 0 < context <= cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
     gpus, cap = place(cost, m, context, want)
+    trace = trace() if callable(trace) else trace
+    _check_shape(cfg, trace)
     rates = m.rates(fmt)
     prompt = min(prompt_tokens, context)
     rows = []
