@@ -85,9 +85,9 @@ def main(argv=None) -> None:
                              prompt_tokens=a.prompt_tokens, policies=() if pol == "none" else (pol,),
                              transfer=AUTO_TRANSFER)
             row = plan.rows[-1]
-            pred = row["decode"]["seconds"]
-            pred_loads = (row["decode_loads"] * a.new_tokens + row["prefill_loads"] * a.prompt_tokens) * \
-                plan.moe_layers * a.requests
+            pred = row["decode_full_context"]["seconds"]          # at `context`: the mean KV length of decode
+            pred_loads = (row["decode_copies_per_token_layer"] * a.new_tokens +
+                          row["prefill_copies_per_token_layer"] * a.prompt_tokens) * plan.moe_layers * a.requests
             hit = (row["decode_hit_rate"] * a.new_tokens + row["prefill_hit_rate"] * a.prompt_tokens) / \
                 (a.new_tokens + a.prompt_tokens)
             ratio = pred / run["decode_s"]

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .perf import Rates
-from .placement import PlanError
+from .placement import PlanError, parse_size
 
 GB, GIB = 1e9, 2**30
 
@@ -89,7 +89,7 @@ HOSTS = {
 DEV_CALIBRATION = {
     "kernel_efficiency": {"int4": 0.79, "fp8": 0.73, "bf16": 0.87},
     "cpu_flops_per_core": {"int4": 290e9, "fp8": 145e9, "bf16": 133e9},
-    "stage": 5.2e9,
+    "stage": 17.6e9,             # staging_rates(): memcpy into a staging buffer, one thread
     "token_s": 12e-6, "dense_layer_s": 246e-6, "moe_layer_s": 630e-6,
 }
 
@@ -176,10 +176,10 @@ def parse_host(text: str) -> tuple[int, HostSpec]:
 
 
 def parse_rate(text: str | float) -> float:
-    """"600GB/s", "25 GB/s", "1.5TB/s", 6e11 -> bytes per second."""
+    """"600GB/s", "25 GB/s", "1.5TB/s", "6e11", 6e11 -> bytes per second."""
     if isinstance(text, (int, float)):
         return float(text)
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMgGtT]i?)?[bB](?:/s|ps)?\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?:([kKmMgGtT]i?)?[bB](?:/s|ps)?)?\s*", str(text))
     if not m:
         raise ValueError(f"cannot read bandwidth {text!r}; write e.g. 600GB/s or 25GB/s")
     unit = (m.group(2) or "").lower()
@@ -196,26 +196,32 @@ def from_calibration(cal: dict) -> dict:
         return {fmt: f[fmt][key] * scale if fmt in f else v for fmt, v in DEV_CALIBRATION[dev_key].items()}
     return {"kernel_efficiency": pick("kernel_efficiency", "kernel_efficiency"),
             "cpu_flops_per_core": pick("prefill_gflops_per_thread", "cpu_flops_per_core", 1e9),
-            "stage": cal["device_side"]["copy_gbs"] * GB,
+            "stage": cal["device_side"].get("memcpy_gbs", cal["device_side"]["copy_gbs"]) * GB,
             "token_s": o["token_s"], "dense_layer_s": o["dense_layer_s"], "moe_layer_s": o["moe_layer_s"]}
 
 
-def local_machine(cal: dict, cfg=None) -> Machine:
+def local_machine(cal: dict, cfg=None, fmt: str | None = None) -> Machine:
     """This machine as its calibration measured it. With a CUDA device the GPU is that device as measured;
     on the CPU stand-in the "GPU" is torch on the same cores. With `cfg`, the device rates of its attention,
-    shared-expert and dense layers come from the calibration's timings of modules of that shape, if any."""
+    shared-expert and dense layers come from the calibration's timings of modules of that shape, if any;
+    with `fmt`, the calibration must have measured that expert format."""
     from .calibrate_device import modules_key
     dv = cal["device_side"]
     cuda = dv["device"].startswith("cuda")
-    gpu = GpuSpec(f"{dv['device']} ({dv['dtype']}, measured)", int(cal["ram_bytes"]), dv["matvec_gbs"] * GB,
-                  dv["matmul_gflops"] * 1e9, dv["copy_gbs"] * GB, "hybrid plan --calibrate " + cal["created"])
+    measured = sorted(cal["cpu_side"]["formats"])
+    if fmt is not None and fmt not in measured:
+        raise ValueError(f"the calibration measured the {', '.join(measured)} kernels, not {fmt}: run "
+                         f"`hybrid plan --calibrate` again (it measures all three) or plan with --format {measured[0]}")
+    link = (dv.get("h2d_gbs") or dv["copy_gbs"]) if cuda else dv["copy_gbs"]   # stand-in: the float copy it makes
+    gpu = GpuSpec(f"{dv['device']} ({dv['dtype']}, measured)", int(dv.get("memory_bytes") or cal["ram_bytes"]),
+                  dv["matvec_gbs"] * GB, dv["matmul_gflops"] * 1e9, link * GB,
+                  "hybrid plan --calibrate " + cal["created"])
     threads = int(cal["threads"])
     fields = from_calibration(cal)
     if not cuda:      # the stand-in decodes copies with numpy on the host and copies the float weights
         f = cal["cpu_side"]["formats"]
         fields.update(stage=math.inf, packed_copies=False,
-                      dequantize={fmt: f[fmt]["dequantize_params_per_s"] if fmt in f else math.nan
-                                  for fmt in ("int4", "fp8", "bf16")})
+                      dequantize={k: f[k]["dequantize_params_per_s"] for k in measured})
     notes = [f"measured on {cal['cpu']} ({threads} threads), {cal['created']}",
              "device side = torch on " + dv["device"] + ("" if cuda else " standing in for the GPU: it shares "
                                                           "cores and memory with the CPU experts")]
@@ -238,19 +244,75 @@ def local_machine(cal: dict, cfg=None) -> Machine:
                    dtype_bytes=int(dv["dtype_bytes"]), gpu_reserve=0, host_reserve=0, notes=tuple(notes), **fields)
 
 
-def with_overrides(m: Machine, **kv) -> Machine:
-    """Replace Machine fields (None = keep); GPU fields go by gpu_memory / hbm_bandwidth / gpu_flops / pcie."""
-    gpu_kv = {"memory": kv.pop("gpu_memory", None), "bandwidth": kv.pop("hbm_bandwidth", None),
-              "flops": kv.pop("gpu_flops", None), "link": kv.pop("pcie", None)}
-    gpu_kv = {k: v for k, v in gpu_kv.items() if v is not None}
-    kv = {k: v for k, v in kv.items() if v is not None}
+# What `--set FIELD=VALUE` may change, how to read the value and what range it must lie in.
+# kind: "rate" (B/s, e.g. 25GB/s), "size" (bytes, e.g. 2GiB), "float", "int", "bool"; per-format fields take
+# FIELD.FORMAT=VALUE (kernel_efficiency.int4=0.6).
+OVERRIDES = {
+    "ram": ("size", 1, None), "dram_bandwidth": ("rate", 1, None), "sockets": ("int", 1, 8), "cores": ("int", 1, None),
+    "n_gpus": ("int", 1, 64), "dram_efficiency": ("float", 1e-3, 1), "numa_efficiency": ("float", 1e-3, 1),
+    "hbm_efficiency": ("float", 1e-3, 1), "mfu": ("float", 1e-3, 1), "token_s": ("float", 0, None),
+    "dense_layer_s": ("float", 0, None), "moe_layer_s": ("float", 0, None), "overlap": ("bool", None, None),
+    "serial": ("float", 0, 1), "attn_rate": ("rate", 1, None), "ffn_rate": ("rate", 1, None),
+    "dense_rate": ("rate", 1, None), "stage": ("rate", 1, None), "gpu_reserve": ("size", 0, None),
+    "host_reserve": ("size", 0, None), "kernel_efficiency": ("float", 1e-3, 1),
+    "cpu_flops_per_core": ("float", 1, None), "dequantize": ("float", 1, None),
+    "gpu_memory": ("size", 1, None), "hbm_bandwidth": ("rate", 1, None), "gpu_flops": ("float", 1, None),
+    "pcie": ("rate", 1, None),
+}
+_PER_FORMAT = ("kernel_efficiency", "cpu_flops_per_core", "dequantize")
+_GPU_FIELDS = {"gpu_memory": "memory", "hbm_bandwidth": "bandwidth", "gpu_flops": "flops", "pcie": "link"}
+
+
+def read_override(key: str, text) -> object:
+    """One --set value, read and range-checked; ValueError naming the field and its range otherwise."""
+    field_name = key.split(".", 1)[0]
+    if field_name not in OVERRIDES:
+        raise ValueError(f"unknown machine field {key!r}; known: {', '.join(OVERRIDES)} "
+                         f"(per format: {', '.join(f + '.int4' for f in _PER_FORMAT)})")
+    kind, lo, hi = OVERRIDES[field_name]
+    if isinstance(text, (int, float, bool)) and not isinstance(text, str):
+        v = text
+    elif kind == "bool":
+        if str(text).lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} wants true or false, got {text!r}")
+        return str(text).lower() in ("true", "1")
+    else:
+        try:
+            v = {"rate": parse_rate, "size": parse_size, "float": float, "int": int}[kind](text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} wants a {'number' if kind in ('float', 'int') else kind}, got {text!r}") from None
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise ValueError(f"{key} must lie in {span}, got {text!r}")
+    return int(v) if kind in ("int", "size") else v
+
+
+def with_overrides(m: Machine, overrides: dict) -> Machine:
+    """Machine with fields replaced: {"dram_efficiency": 0.7, "kernel_efficiency.int4": "0.6", "pcie": "25GB/s"};
+    values are read with read_override (None = keep)."""
+    kv, gpu_kv = {}, {}
+    for key, text in overrides.items():
+        if text is None:
+            continue
+        v = read_override(key, text)
+        name, _, fmt = key.partition(".")
+        if name in _GPU_FIELDS:
+            gpu_kv[_GPU_FIELDS[name]] = v
+        elif name in _PER_FORMAT:
+            if fmt not in ("int4", "fp8", "bf16"):
+                raise ValueError(f"{name} is per format: write {name}.int4=..., {name}.fp8=... or {name}.bf16=...")
+            kv[name] = {**kv.get(name, getattr(m, name)), fmt: v}
+        else:
+            kv[name] = v
     if gpu_kv:
         kv["gpu"] = replace(m.gpu, **gpu_kv)
-    for k in kv:
-        if k not in Machine.__dataclass_fields__:
-            raise ValueError(f"unknown machine field {k!r}; known: {', '.join(Machine.__dataclass_fields__)}")
-    return replace(m, **kv)
+    out = replace(m, **kv)
+    if out.gpu_reserve >= out.gpu.memory:
+        raise ValueError(f"gpu_reserve ({out.gpu_reserve / GIB:.2f} GiB) must be smaller than the GPU's memory "
+                         f"({out.gpu.memory / GIB:.2f} GiB)")
+    return out
 
 
-__all__ = ["GPUS", "HOSTS", "DEFAULTS", "DEV_CALIBRATION", "GpuSpec", "HostSpec", "Machine", "PlanError",
-           "parse_gpus", "parse_host", "parse_rate", "from_calibration", "local_machine", "with_overrides"]
+__all__ = ["GPUS", "HOSTS", "DEFAULTS", "DEV_CALIBRATION", "OVERRIDES", "GpuSpec", "HostSpec", "Machine",
+           "PlanError", "parse_gpus", "parse_host", "parse_rate", "read_override", "from_calibration",
+           "local_machine", "with_overrides"]

@@ -30,11 +30,13 @@ max(compute, link) + host copy work; without: the sum.
 
 Prefill, per chunk of T tokens starting at position s (MLA's expanded form over s + T cached tokens):
     device:  max(FLOP_dev / F_dev, bytes_dev / W_hbm) per layer; FLOP_dev = 2 T params + attention
-             (2 T (s + T/2) heads (d_qk + d_v)) + the kv_b expansion (2 (s + T) kv_lora heads (d_nope + d_v))
+             (2 T (s + T/2) heads (d_qk + d_v)) + the kv_b expansion of the s earlier rows
+             (2 s kv_lora heads (d_nope + d_v); the T new rows are in 2 T params)
              + hot-set experts: 6 H I T k h FLOPs, D(n_hot, k h, T) B_dev bytes
     CPU:     max(6 H I T k (1 - h) / F_cpu, D(E - n_hot, k (1 - h), T) B_host / W_cpu), where
              D(n, a, T) = n (1 - (1 - a/n)^T) distinct experts of n touched by T tokens (uniform routing)
-    joined per MoE layer as for decode, plus o_moe / o_dense per layer.
+    joined per MoE layer as for decode, plus o_moe / o_dense per layer, and per chunk o_tok + the lm_head
+    of its last token. Copies: as for decode, n_load per token per MoE layer over the whole prompt.
 The binding resource is the largest of: device memory bandwidth, DRAM bandwidth (CPU experts), the link and
 host copies, fixed costs, device compute (prefill), CPU compute (prefill). Its roofline is tokens/s if that
 resource were the only cost.
@@ -155,7 +157,8 @@ def decode_time(c: ModelCost, r: Rates, hit: float, loads: float, context: int) 
     host_copy, link = copy_time(c, r, n)
     compute = total
     total = (max(compute, link) if r.overlap else compute + link) + host_copy
-    terms = {"device memory bandwidth": dev, "DRAM bandwidth": cpu, "host copies + link": host_copy + link,
+    exposed = max(0.0, link - compute) if r.overlap else link      # link time not hidden behind compute
+    terms = {"device memory bandwidth": dev, "DRAM bandwidth": cpu, "host copies + link": host_copy + exposed,
              "fixed costs": fixed}
     cpu_bytes = c.moe_layers * c.top_k * (1 - hit) * c.expert_host
     return _result(total, terms, {"compute_s": compute, "host_copy_s": host_copy, "link_s": link,
@@ -171,7 +174,7 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
     E, k = c.n_experts, c.top_k
     for s in range(0, prompt, chunk):
         T = min(chunk, prompt - s)
-        attn_fl = c.attn_flops_per_pair * T * (s + T / 2) + c.kvb_flops_per_token * (s + T)
+        attn_fl = c.attn_flops_per_pair * T * (s + T / 2) + c.kvb_flops_per_token * s   # new rows: in params
         kv = (s + T) * c.kv_bytes_per_token
         head = max(2 * c.head_params / r.device_flops, c.head_bytes / r.hbm)   # lm_head: the chunk's last token
         total += r.token_s + head
@@ -196,9 +199,9 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
             terms["fixed costs"] += o
             total += o + join(dev_t, cpu_t, r.serial)
     host_copy, link = copy_time(c, r, loads * c.moe_layers * prompt)
-    terms["host copies + link"] = host_copy + link
+    terms["host copies + link"] = host_copy + (max(0.0, link - total) if r.overlap else link)
     total = (max(total, link) if r.overlap else total + link) + host_copy
-    return _result(total, terms, {"tokens": prompt, "host_copy_s": host_copy, "link_s": link})
+    return _result(total, terms, {"tokens": prompt, "host_copy_s": host_copy, "link_s": link}, per=prompt)
 
 
 def copy_time(c: ModelCost, r: Rates, n: float) -> tuple[float, float]:
@@ -219,8 +222,9 @@ def join(g: float, c: float, serial: float) -> float:
     return max(g, c) + serial * min(g, c)
 
 
-def _result(total: float, terms: dict, extra: dict) -> dict:
+def _result(total: float, terms: dict, extra: dict, per: int = 1) -> dict:
+    """roofline_per_s: tokens/s if the binding resource were the only cost (`per` tokens in `total`)."""
     terms = {k: v for k, v in terms.items() if v > 0}
     binding = max(terms, key=terms.get) if terms else "fixed costs"
     return {"seconds": total, "terms_s": terms, "binding": binding,
-            "roofline_per_s": 1.0 / terms[binding] if terms.get(binding) else float("inf"), **extra}
+            "roofline_per_s": per / terms[binding] if terms.get(binding) else float("inf"), **extra}

@@ -13,7 +13,6 @@ import math
 import sys
 from pathlib import Path
 
-from .placement import parse_size
 
 SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/synth.py)
 
@@ -44,8 +43,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any machine field (dram_efficiency, numa_efficiency, hbm_efficiency, mfu, "
-                        "moe_layer_s, dense_layer_s, token_s, gpu_reserve, host_reserve, overlap)")
+                   help="override any machine figure: dram_efficiency, numa_efficiency, hbm_efficiency, mfu, serial, "
+                        "stage, moe_layer_s, dense_layer_s, token_s, gpu_reserve, host_reserve, overlap, "
+                        "kernel_efficiency.int4, cpu_flops_per_core.fp8, dequantize.bf16, ... (hybrid/hardware.py)")
     p.add_argument("--calibration", type=Path, help="calibration file (default ~/.cache/hybrid/calibration.json)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (and time the layers of Kimi K2 and of --config), store it, and exit")
@@ -73,23 +73,28 @@ def build_machine(a, cfg) -> tuple:
     """(Machine, assumptions) from the arguments."""
     from .calibrate import default_path, load_calibration
     from .hardware import DEFAULTS, DEV_CALIBRATION, Machine, from_calibration, local_machine, parse_gpus, \
-        parse_host, parse_rate, with_overrides
+        parse_host, read_override, with_overrides
     notes = []
     cal_path = a.calibration or default_path()
     if a.machine == "local":
-        m = local_machine(load_calibration(cal_path), cfg)
+        m = local_machine(load_calibration(cal_path), cfg, a.format)
         notes.append(f"machine: this one, from {cal_path}")
     else:
         if not a.gpus:
             raise ValueError("say which GPUs: --gpus 4xA100-80GB (or --machine local for this machine)")
         n, gpu = parse_gpus(a.gpus)
-        sockets, host = parse_host(a.cpu) if a.cpu else (a.sockets or 1, None)
-        sockets = a.sockets or sockets
+        sockets, host = parse_host(a.cpu) if a.cpu else (1, None)
+        if a.sockets is not None:
+            sockets = read_override("sockets", a.sockets)
         if host is None and not a.cpu_bandwidth:
             raise ValueError("say what the host's memory is: --cpu 2xsapphire-rapids (a preset) or "
                              "--cpu-bandwidth 600GB/s")
-        bw = parse_rate(a.cpu_bandwidth) if a.cpu_bandwidth else host.bandwidth * sockets
-        cores = a.cpu_cores or (host.cores * sockets if host else 64)
+        bw = read_override("dram_bandwidth", a.cpu_bandwidth) if a.cpu_bandwidth else host.bandwidth * sockets
+        cores = read_override("cores", a.cpu_cores) if a.cpu_cores is not None else \
+            (host.cores * sockets if host else 64)
+        if host is None:
+            notes.append(f"host given by bandwidth only: {sockets} socket(s) (--sockets), {cores} cores (--cpu-cores)"
+                         + ("; one socket means no NUMA penalty" if sockets == 1 else ""))
         if Path(cal_path).is_file():
             cpu_fields = from_calibration(load_calibration(cal_path))
             notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: "
@@ -98,7 +103,7 @@ def build_machine(a, cfg) -> tuple:
             cpu_fields = dict(DEV_CALIBRATION)
             notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured "
                          "on this project's development machine (run `hybrid plan --calibrate` to use yours)")
-        m = Machine(gpu=gpu, n_gpus=n, ram=parse_size(a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
+        m = Machine(gpu=gpu, n_gpus=n, ram=read_override("ram", a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
                     cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
         src = f"{host.name}: {host.source}" if host and not a.cpu_bandwidth else "given (--cpu-bandwidth)"
         notes += [f"GPU: {gpu.name}: {gpu.source}; host-to-GPU copies {gpu.link / 1e9:.0f} GB/s (nvbandwidth-style "
@@ -112,34 +117,20 @@ def build_machine(a, cfg) -> tuple:
         if n > 1:
             notes.append("layers are split over the GPUs in order and run in turn (batch 1); today hybrid.load puts "
                          "the dense part on one device: the split is what a multi-GPU load would do")
-    over = {"gpu_memory": parse_size(a.gpu_memory) if a.gpu_memory else None,
-            "hbm_bandwidth": parse_rate(a.hbm_bandwidth) if a.hbm_bandwidth else None,
-            "gpu_flops": a.gpu_tflops * 1e12 if a.gpu_tflops else None, "pcie": parse_rate(a.pcie) if a.pcie else None,
-            "ram": parse_size(a.ram) if a.ram and a.machine == "local" else None}
+    over = {"gpu_memory": a.gpu_memory, "hbm_bandwidth": a.hbm_bandwidth,
+            "gpu_flops": a.gpu_tflops * 1e12 if a.gpu_tflops is not None else None, "pcie": a.pcie,
+            "ram": a.ram if a.machine == "local" else None}
     for item in a.set:
         k, sep, v = item.partition("=")
         if not sep:
             raise ValueError(f"--set wants FIELD=VALUE, got {item!r}")
-        over[k.strip()] = _value(k.strip(), v.strip())
+        over[k.strip()] = v.strip()
         notes.append(f"{k.strip()} = {v.strip()} (given)")
-    m = with_overrides(m, **over)
+    m = with_overrides(m, over)
     notes.append(f"fixed costs per decode token: {m.moe_layer_s * 1e6:.0f} us per MoE layer, "
                  f"{m.dense_layer_s * 1e6:.0f} us per dense layer, {m.token_s * 1e6:.0f} us per token (host-side "
                  f"Python and dispatch, measured; a faster host shortens them)")
     return m, notes
-
-
-def _value(key: str, v: str):
-    if key == "overlap":
-        if v.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--set overlap= wants true or false, got {v!r}")
-        return v.lower() in ("true", "1")
-    if key in ("gpu_reserve", "host_reserve", "ram"):
-        return parse_size(v)
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"--set {key}= wants a number, got {v!r}") from None
 
 
 def gib_or(v: float) -> str:

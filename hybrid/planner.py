@@ -77,13 +77,15 @@ class Plan:
         cpu = m.rates(self.expert_format).cpu_experts
         lines = [f"plan: {self.model}, {self.expert_format} experts in host RAM, context {self.context} tokens",
                  f"machine: {m.n_gpus} x {m.gpu.name} ({gib(m.gpu.memory)}, {m.gpu.bandwidth / 1e9:.0f} GB/s, "
-                 f"{m.gpu.flops / 1e12:.0f} TFLOPS, link {m.gpu.link / 1e9:.1f} GB/s); host {m.sockets} socket(s), "
+                 f"{m.gpu.flops / 1e12:.3g} TFLOPS, link {m.gpu.link / 1e9:.1f} GB/s); host {m.sockets} socket(s), "
                  f"{m.cores} cores, DRAM {m.dram_bandwidth / 1e9:.0f} GB/s -> CPU experts read at "
                  f"{cpu / 1e9:.0f} GB/s; "
                  f"RAM {gib(m.ram)}", "placement:"]
         for g in self.gpus:
             moe_here = sum(1 for L in self.moe_layer_ids if g.first_layer <= L <= g.last_layer)
             lines.append("  " + g.describe(moe_here, self.experts_per_layer))
+        if len(self.gpus) < m.n_gpus:
+            lines.append(f"  GPU {len(self.gpus)}-{m.n_gpus - 1}: unused (everything fits on fewer GPUs)")
         lines.append(f"  hot set: {self.experts_per_layer} of {self.n_experts} experts in each of {self.moe_layers} "
                      f"MoE layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
                      f"{gib(self.expert_device_bytes)} each on the GPU (dequantized)"
@@ -98,7 +100,7 @@ class Plan:
         for r in self.rows:
             d = r["decode"]
             lines.append(f"| {r['policy']} | {100 * r['decode_hit_rate']:.1f} % | "
-                         f"{r['decode_loads'] * self.moe_layers:.2f} | "
+                         f"{r['decode_copies_per_token_layer'] * self.moe_layers:.2f} | "
                          f"{1 / d['seconds']:.2f} | {1 / r['decode_full_context']['seconds']:.2f} | "
                          f"{r['prefill_tokens_per_s']:.1f} | {d['binding']} ({1e3 * d['terms_s'][d['binding']]:.1f} of "
                          f"{1e3 * d['seconds']:.1f} ms) | {d['roofline_per_s']:.1f} tok/s |")
@@ -180,19 +182,31 @@ def place(cost: ModelCost, m: Machine, context: int, want: int) -> tuple[list[Gp
     return split_layers(cost, m, context, lo), lo
 
 
-def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max_layers: int = 4) -> dict:
-    """{policy: replay figures} at `capacity` experts per layer; "none" = no hot set."""
+def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max_layers: int = 4) -> tuple[dict, list]:
+    """({policy: replay figures} at `capacity` experts per layer, "none" = no hot set; notes). A trace with no
+    decode (or no prefill) steps lends that phase its all-token figures, and says so."""
     zero = {"decode_hit_rate": 0.0, "prefill_hit_rate": 0.0, "decode_loads_per_token": 0.0,
             "prefill_loads_per_token": 0.0}
-    out = {"none": zero}
+    out, notes = {"none": zero}, []
     if capacity <= 0:
-        return out
+        return out, notes
     frac = capacity / trace.model.n_experts
     res = replay(trace, tuple(policies), (frac,), replay_layers(trace, max_layers), loads_per_token)
     for p in policies:
         r = res[p][frac]
-        out[p] = {k: (r[k] or 0.0) for k in zero}
-    return out
+        row = {}
+        for k in zero:
+            phase = k.split("_")[0]
+            if r[k] is None:
+                row[k] = r["hit_rate" if "hit" in k else "loads_per_token"]
+                note = (f"the trace has no {phase} steps: {phase} figures are those of all its tokens "
+                        f"(e.g. an SGLang dump without forward modes)")
+                if note not in notes:
+                    notes.append(note)
+            else:
+                row[k] = r[k]
+        out[p] = row
+    return out, notes
 
 
 def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace, *,
@@ -202,6 +216,9 @@ def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, 
     """The plan for `cfg` on machine `m` (see the module docstring). trace: a Trace, or a function returning
     one (called only once the model is known to fit). hot_set: "auto" (all free GPU memory), a share "10%",
     or experts per layer (int)."""
+    if not cfg.moe_layers:
+        raise PlanError("this model has no MoE layers: there are no routed experts to offload; it is a dense "
+                        "model, which this runtime does not plan")
     cost = ModelCost.of(cfg, m.dtype_bytes, fmt)
     store, need = host_check(cfg, cost, m, fmt)
     want = _want(hot_set, cfg.n_routed_experts)
@@ -213,19 +230,22 @@ def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, 
     rates = m.rates(fmt)
     prompt = min(prompt_tokens, context)
     rows = []
-    for pol, r in hit_rates(trace, cap, policies, transfer, max_layers).items():
+    rates_by_policy, trace_notes = hit_rates(trace, cap, policies, transfer, max_layers)
+    for pol, r in rates_by_policy.items():
         h = r["decode_hit_rate"]
         dec = decode_time(cost, rates, h, r["decode_loads_per_token"], prompt)
         full = decode_time(cost, rates, h, r["decode_loads_per_token"], context)
         pre = prefill_time(cost, rates, r["prefill_hit_rate"], r["prefill_loads_per_token"], prompt,
                            resident=cap if pol != "none" else 0)
-        rows.append({"policy": pol, "decode_hit_rate": h, "decode_loads": r["decode_loads_per_token"],
-                     "prefill_hit_rate": r["prefill_hit_rate"], "prefill_loads": r["prefill_loads_per_token"],
+        rows.append({"policy": pol, "decode_hit_rate": h,
+                     "decode_copies_per_token_layer": r["decode_loads_per_token"],
+                     "prefill_hit_rate": r["prefill_hit_rate"],
+                     "prefill_copies_per_token_layer": r["prefill_loads_per_token"],
                      "decode": dec, "decode_tokens_per_s": 1 / dec["seconds"], "decode_full_context": full,
                      "prefill": pre, "prefill_tokens_per_s": prompt / pre["seconds"]})
     plan = Plan(label, fmt, context, prompt, m, tuple(gpus), cap, str(hot_set), cap < min(want, cfg.n_routed_experts),
                 cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device, store, need, trace_label or trace.source,
-                tuple(rows), tuple(assumptions) + m.notes, tuple(cfg.moe_layers))
+                tuple(rows), tuple(assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers))
     return plan
 
 

@@ -201,7 +201,7 @@ def _pct(x) -> str:
 def _markdown(trace: Trace, res: dict, place: dict, files: dict) -> str:
     m = trace.model
     ph = trace.phase
-    lines = [f"# Expert routing profile", "",
+    lines = ["# Expert routing profile", "",
              f"Trace: `{trace.source}`, model {m.model_type} ({m.describe()}, MoE layers "
              f"{m.moe_layers[0]}..{m.moe_layers[-1]}), {trace.n_requests} requests, {trace.n_tokens} tokens "
              f"({int((ph == 0).sum())} prefill, {int((ph == 1).sum())} decode).", ""]

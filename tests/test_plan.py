@@ -32,7 +32,7 @@ def test_decode_time_by_hand_with_overlap():
     assert r["terms_s"]["fixed costs"] == pytest.approx(6.0)
     assert r["terms_s"]["device memory bandwidth"] == pytest.approx(0.5 + 3.1 + 2.0)
     assert r["terms_s"]["DRAM bandwidth"] == pytest.approx(1.0)
-    assert r["terms_s"]["host copies + link"] == pytest.approx(2.0)
+    assert r["terms_s"]["host copies + link"] == pytest.approx(1.0)      # the link's 1.0 s hides behind compute
     assert r["binding"] == "fixed costs" and r["roofline_per_s"] == pytest.approx(1 / 6)
 
 
@@ -75,6 +75,18 @@ def test_prefill_time_by_hand():
     # = 4 s (1.5 = 2 * (1 - (1 - 1/2)^2) distinct experts); overlapped: 4; + token 1 + MoE layer 2
     assert r["seconds"] == pytest.approx(7.0)
     assert r["binding"] == "CPU compute" and r["terms_s"]["device compute"] == pytest.approx(2.0)
+
+
+def test_prefill_roofline_is_in_tokens_per_second():
+    r = prefill_time(HAND, RATES, hit=0.0, loads=0.0, prompt=4, chunk=2)
+    assert r["roofline_per_s"] == pytest.approx(4 / r["terms_s"][r["binding"]])
+
+
+def test_hidden_link_time_does_not_bind():
+    # 0.5 copies per token: the packed bytes take 0.25 s on the link, hidden behind 11.7 s of compute
+    r = decode_time(HAND, Rates(**{**RATES.__dict__, "dequantize": float("inf"), "packed_copies": True}),
+                    hit=0.5, loads=0.5, context=10)
+    assert "host copies + link" not in r["terms_s"] and r["link_s"] == pytest.approx(0.25)
 
 
 def test_model_cost_agrees_with_the_placement_byte_counts():
@@ -149,6 +161,35 @@ def test_presets_and_parsers():
         assert spec.source and spec.memory > 0 and spec.link > 0
 
 
+def test_overrides_are_read_and_checked():
+    from hybrid.hardware import with_overrides
+    m = with_overrides(_machine(), {"kernel_efficiency.int4": "0.6", "pcie": "10GB/s", "serial": "0.5",
+                                    "n_gpus": "3", "gpu_reserve": "10"})
+    assert m.kernel_efficiency["int4"] == 0.6
+    assert m.kernel_efficiency["fp8"] == DEV_CALIBRATION["kernel_efficiency"]["fp8"]
+    assert m.gpu.link == 10e9 and m.serial == 0.5 and m.n_gpus == 3 and isinstance(m.n_gpus, int)
+    for bad, msg in [({"dram_efficiency": "0"}, "must lie in"), ({"pcie": "0GB/s"}, "must lie in"),
+                     ({"serial": "5"}, "must lie in"), ({"kernel_efficiency": "0.5"}, "per format"),
+                     ({"gpu": "x"}, "unknown machine field"), ({"sockets": "-1"}, "must lie in"),
+                     ({"gpu_reserve": "1TiB"}, "smaller than the GPU's memory"), ({"mfu": "x"}, "wants a number")]:
+        with pytest.raises(ValueError, match=msg):
+            with_overrides(_machine(), bad)
+
+
+def test_a_trace_without_decode_steps_lends_its_all_token_figures():
+    from hybrid.planner import hit_rates
+    t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=0), n_layers=1)
+    rows, notes = hit_rates(t, 38, ("static",), 1 / 16)
+    assert rows["static"]["decode_hit_rate"] == rows["static"]["prefill_hit_rate"] > 0
+    assert notes and "no decode steps" in notes[0]
+
+
+def test_a_dense_model_is_refused():
+    cfg = ModelConfig.from_dict({**PRESETS["tiny"], "first_k_dense_replace": 3})
+    with pytest.raises(PlanError, match="no MoE layers"):
+        make_plan(cfg, "dense", _machine(n_gpus=1, memory=2**30, ram=2**30), "int4", 128, lambda: None)
+
+
 def test_plan_on_a_tiny_config_with_a_trace():
     cfg = ModelConfig.from_dict(PRESETS["tiny"])
     trace = synthesize(__import__("hybrid.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
@@ -158,7 +199,8 @@ def test_plan_on_a_tiny_config_with_a_trace():
     assert plan.experts_per_layer == 4 and not plan.hot_set_capped
     assert [r["policy"] for r in plan.rows] == ["none", "static", "lru", "lfu", "router"]
     none, static = plan.rows[0], plan.rows[1]
-    assert none["decode_hit_rate"] == 0 and static["decode_hit_rate"] > 0 and static["decode_loads"] == 0
+    assert none["decode_hit_rate"] == 0 and static["decode_hit_rate"] > 0
+    assert static["decode_copies_per_token_layer"] == 0
     # hits move routed-expert bytes from the CPU side to the device side, nothing else changes
     cost = ModelCost.of(cfg, m.dtype_bytes, "int4")
     moved = cost.moe_layers * cost.top_k * static["decode_hit_rate"]
@@ -217,6 +259,10 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
     assert out["machine"]["attn_rate"] == pytest.approx(mod["attn_gbs"] * 1e9)      # this shape was timed
+    assert cal["device_side"]["memcpy_gbs"] > 0 and cal["device_side"]["h2d_gbs"] is None
+    assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format",
+                 "int4"]) == 2
+    assert "measured the fp8 kernels, not int4" in capsys.readouterr().err
     assert out["machine"]["kernel_efficiency"]["fp8"] == pytest.approx(fp8["kernel_efficiency"])
 
 
