@@ -17,26 +17,7 @@ import gc
 import tempfile
 from pathlib import Path
 
-from bench.hotset import prompts
-
-
-def measure(model: Path, budget, policy: str, ps, new_tokens: int, threads: int, placement=None) -> dict:
-    import hybrid
-    eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget=budget, threads=threads,
-                      prefetch="off" if budget in (0, "0") else policy, placement=placement)
-    eng.generate(ps[0][:16], 2, stop_ids=())           # warm-up
-    eng.reset_stats()
-    for p in ps:
-        eng.generate(p, new_tokens, stop_ids=())
-    s = eng.stats()
-    act, backend = s["expert_activations"], s["expert_backend"]
-    steps = s["decode_tokens"] - len(ps)
-    out = {"decode_s": s["decode_seconds"] / steps, "prefill_s": s["prefill_seconds"] / len(ps),
-           "hit": act["hot_set"] / act["total"], "capacity": eng.plan.experts_per_layer,
-           "loads": backend.get("loads", 0)}
-    del eng
-    gc.collect()
-    return out
+from bench.hotset import prompts, run
 
 
 def main(argv=None) -> None:
@@ -80,8 +61,8 @@ def main(argv=None) -> None:
             if pol == "static":
                 place = work / f"placement-{budget.rstrip('%')}.json"
                 write_placement(place, trace, float(budget.rstrip("%")) / 100)
-            run = measure(a.model, 0 if pol == "none" else budget, pol, ps, a.new_tokens, a.threads, place)
-            plan = make_plan(cfg, str(a.model), machine, "fp8", context, trace, hot_set=run["capacity"],
+            got = run(a.model, 0 if pol == "none" else budget, pol, ps, a.new_tokens, a.threads, place)
+            plan = make_plan(cfg, str(a.model), machine, "fp8", context, trace, hot_set=got["capacity"],
                              prompt_tokens=a.prompt_tokens, policies=() if pol == "none" else (pol,),
                              transfer=AUTO_TRANSFER)
             row = plan.rows[-1]
@@ -90,12 +71,12 @@ def main(argv=None) -> None:
                           row["prefill_copies_per_token_layer"] * a.prompt_tokens) * plan.moe_layers * a.requests
             hit = (row["decode_hit_rate"] * a.new_tokens + row["prefill_hit_rate"] * a.prompt_tokens) / \
                 (a.new_tokens + a.prompt_tokens)
-            ratio = pred / run["decode_s"]
+            ratio = pred / got["decode_s_per_step"]
             worst = max(worst, abs(ratio - 1))
-            print(f"| {budget} | {pol} | {run['capacity']} | {100 * hit:.1f} % / "
-                  f"{100 * run['hit']:.1f} % | {pred_loads:.0f} / {run['loads']:.0f} | {1e3 * pred:.1f} | "
-                  f"{1e3 * run['decode_s']:.1f} | {ratio:.2f} | {row['prefill']['seconds']:.2f} | "
-                  f"{run['prefill_s']:.2f} |", flush=True)
+            print(f"| {budget} | {pol} | {got['capacity']} | {100 * hit:.1f} % / "
+                  f"{100 * got['hit']:.1f} % | {pred_loads:.0f} / {got['loads']:.0f} | {1e3 * pred:.1f} | "
+                  f"{1e3 * got['decode_s_per_step']:.1f} | {ratio:.2f} | {row['prefill']['seconds']:.2f} | "
+                  f"{got['prefill_s']:.2f} |", flush=True)
     print(f"# largest decode error: {100 * worst:.0f} % (goal: within 20 %)")
 
 
