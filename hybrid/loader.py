@@ -23,9 +23,7 @@ from .model import K2Model, set_tensor
 from .moe import MoE
 from .options import RuntimeOptions
 from .placement import PlacementPlan, parse_size, plan_placement
-from .weights import dense_tensors, expert_tensors, is_ignored
-# The router runs in float32 whatever the compute dtype (as the reference implementations keep it).
-_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+from .weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -216,7 +214,7 @@ def _build_model(cfg: ModelConfig, ckpt: Checkpoint, dev: torch.device, dt: torc
     with torch.device("meta"):
         model = K2Model(cfg, rope)
     for name, spec in dense_tensors(cfg).items():
-        want = torch.float32 if name.endswith(_FP32_SUFFIXES) else dt
+        want = torch.float32 if name.endswith(FP32_SUFFIXES) else dt
         set_tensor(model, name, ckpt.get(name, dtype=want, expect_shape=spec.shape).to(dev))
     return model.eval()
 

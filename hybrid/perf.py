@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from quant.formats import bytes_per_matrix
 
 from .config import ModelConfig
-from .weights import dense_tensors, expert_shapes
+from .weights import dense_tensors, device_nbytes, expert_shapes, numel
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,11 @@ class ModelCost:
         params_l = [0] * cfg.num_hidden_layers
         head = cfg.hidden_size * dtype_bytes              # the one embedding row a token reads
         for name, spec in dense_tensors(cfg).items():
-            n = 1
-            for s in spec.shape:
-                n *= s
-            nbytes = n * (4 if ".mlp.gate." in name else dtype_bytes)   # the router stays float32
+            nbytes = device_nbytes(name, spec, dtype_bytes)
             if name.startswith("model.layers."):
                 L = int(name.split(".")[2])
                 (ffn if ".mlp." in name else attn)[L] += nbytes
-                params_l[L] += n
+                params_l[L] += numel(spec)
             elif name != "model.embed_tokens.weight":
                 head += nbytes
         params = sum(r * c for r, c in expert_shapes(cfg))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from quant.formats import bytes_per_matrix
 
 from .config import ModelConfig
-from .weights import dense_tensors, expert_shapes
+from .weights import dense_tensors, device_nbytes, expert_shapes
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -82,13 +82,7 @@ def expert_host_bytes(cfg: ModelConfig, fmt: str, group_size: int = 32) -> int:
 
 
 def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    total = 0
-    for name, spec in dense_tensors(cfg).items():
-        n = 1
-        for s in spec.shape:
-            n *= s
-        total += n * (4 if ".mlp.gate." in name else dtype_bytes)   # the router stays float32
-    return total
+    return sum(device_nbytes(name, spec, dtype_bytes) for name, spec in dense_tensors(cfg).items())
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:

@@ -17,6 +17,22 @@ class TensorSpec:
     dtype: str = "bf16"   # on-disk dtype when not FP8 ("f32" for the router bias)
 
 
+# The router runs in float32 whatever the compute dtype (as the reference implementations keep it).
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def numel(spec: TensorSpec) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= s
+    return n
+
+
+def device_nbytes(name: str, spec: TensorSpec, dtype_bytes: int) -> int:
+    """Bytes of a dense tensor on the device: the compute dtype, except the float32 router."""
+    return numel(spec) * (4 if name.endswith(FP32_SUFFIXES) else dtype_bytes)
+
+
 def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
