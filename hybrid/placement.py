@@ -120,14 +120,22 @@ def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_fo
                          cfg.n_routed_experts, expert_format, host_one, host_store, host_memory, mmap)
 
 
+def share_of_experts(text, n_experts: int, what: str = "budget") -> int | None:
+    """"25%" -> experts per layer (rounded down); None when `text` is not a share."""
+    if not (isinstance(text, str) and text.strip().endswith("%")):
+        return None
+    try:
+        share = float(text.strip()[:-1]) / 100
+    except ValueError:
+        raise ValueError(f"cannot read {what} {text!r}; write e.g. 25%") from None
+    if not 0 <= share <= 1:
+        raise ValueError(f"a {what} share must lie in 0%..100%, got {text!r}")
+    return int(share * n_experts + 1e-9)
+
+
 def _capacity(cfg: ModelConfig, budget, per_expert_dev: int, moe: int) -> int:
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        try:
-            share = float(budget.strip()[:-1]) / 100
-        except ValueError:
-            raise ValueError(f"cannot read budget {budget!r}; write e.g. 25%") from None
-        if not 0 <= share <= 1:
-            raise ValueError(f"a budget share must lie in 0%..100%, got {budget!r}")
-        return int(share * cfg.n_routed_experts + 1e-9)
+    n = share_of_experts(budget, cfg.n_routed_experts)
+    if n is not None:
+        return n
     b = parse_size(budget or 0)
     return b // (per_expert_dev * moe) if moe else 0

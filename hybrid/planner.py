@@ -17,7 +17,7 @@ from .analysis import replay, replay_layers
 from .config import ModelConfig
 from .hardware import Machine
 from .perf import ModelCost, decode_time, prefill_time
-from .placement import PlanError, gib
+from .placement import PlanError, gib, share_of_experts
 from .policies import POLICIES
 from .trace import Trace, TraceModel
 
@@ -262,14 +262,9 @@ _HOT_SET_HELP = "cannot read --hot-set {!r}; write auto, 10% or a number of expe
 def _want(hot_set, n_experts: int) -> int:
     if hot_set in ("auto", None):
         return n_experts
-    if isinstance(hot_set, str) and hot_set.strip().endswith("%"):
-        try:
-            share = float(hot_set.strip()[:-1]) / 100
-        except ValueError:
-            raise ValueError(_HOT_SET_HELP.format(hot_set)) from None
-        if not 0 <= share <= 1:
-            raise ValueError(f"--hot-set share must lie in 0%..100%, got {hot_set!r}")
-        return int(share * n_experts + 1e-9)
+    n = share_of_experts(hot_set, n_experts, "--hot-set")
+    if n is not None:
+        return n
     try:
         n = int(hot_set)
     except (TypeError, ValueError):
