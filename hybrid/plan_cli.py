@@ -39,7 +39,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--trace", type=Path, help="routing trace (hybrid profile record/import/synth); default: synthetic")
     p.add_argument("--hot-set", default="auto", help="experts per MoE layer on the GPUs: auto (all free memory), "
                                                      "a share such as 10%%, or a count")
-    p.add_argument("--policies", default="static,lru,lfu,router")
+    p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
