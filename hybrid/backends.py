@@ -15,7 +15,7 @@ from .experts import CpuExperts, TorchExperts
 from .hotset import HybridExperts
 from .options import RuntimeOptions
 from .placement import PlacementPlan, parse_size
-from .policies import make_policy
+from .policies import AUTO_LOADS_PER_TOKEN, make_policy
 from .weights import expert_names, expert_shapes
 
 
@@ -69,7 +69,7 @@ def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan
 def _loads_per_token(budget, plan: PlacementPlan) -> float:
     """Bytes per token (all layers together) -> expert copies per token per layer."""
     if budget == "auto":
-        return 1 / 16        # one copy per layer every 16 tokens: the set drifts slowly, prefill reshapes it
+        return AUTO_LOADS_PER_TOKEN
     b = parse_size(budget)
     per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
     return b / per_copy if per_copy else math.inf

@@ -18,10 +18,10 @@ from .config import ModelConfig
 from .hardware import Machine
 from .perf import ModelCost, decode_time, prefill_time
 from .placement import PlanError, gib, share_of_experts
-from .policies import POLICIES
+from .policies import AUTO_LOADS_PER_TOKEN, POLICIES
 from .trace import Trace, TraceModel
 
-AUTO_TRANSFER = 1 / 16      # the runtime's transfer_budget="auto": 1/16 expert per token per MoE layer
+AUTO_TRANSFER = AUTO_LOADS_PER_TOKEN      # the runtime's transfer_budget="auto", in copies per token per MoE layer
 
 
 @dataclass(frozen=True)

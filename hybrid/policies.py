@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 POLICIES = ("static", "lru", "lfu", "router")
+# transfer_budget="auto": one copy per layer every 16 tokens, so the set drifts slowly and prefill reshapes it
+AUTO_LOADS_PER_TOKEN = 1 / 16
 
 
 @dataclass(frozen=True)
