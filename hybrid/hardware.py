@@ -146,9 +146,12 @@ class Machine:
                      serial=self.serial, attn=self.attn_rate, ffn=self.ffn_rate, dense=self.dense_rate)
 
 
+_COUNTED = re.compile(r"\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9_.-]+)\s*")     # "[COUNTx]NAME", as in 4xA100-80GB
+
+
 def parse_gpus(text: str) -> tuple[int, GpuSpec]:
     """"4xA100-80GB" -> (4, spec); "RTX4090" -> (1, spec)."""
-    m = re.fullmatch(r"\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9_.-]+)\s*", text or "")
+    m = _COUNTED.fullmatch(text or "")
     if not m:
         raise ValueError(f"cannot read --gpus {text!r}; write e.g. 4xA100-80GB or RTX4090")
     n = int(m.group(1) or 1)
@@ -164,7 +167,7 @@ def parse_gpus(text: str) -> tuple[int, GpuSpec]:
 
 def parse_host(text: str) -> tuple[int, HostSpec]:
     """"2xsapphire-rapids" -> (2, spec)."""
-    m = re.fullmatch(r"\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9_.-]+)\s*", text or "")
+    m = _COUNTED.fullmatch(text or "")
     key = m.group(2).lower() if m else ""
     if not m or key not in HOSTS:
         raise ValueError(f"unknown CPU preset {text!r}; known: {', '.join(HOSTS)} (prefix 2x for two sockets), "
