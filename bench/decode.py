@@ -35,7 +35,7 @@ def _median_spread(xs: list[float]) -> tuple[float, float]:
 
 def bench_ours(model: Path, fmt: str, threads: int, dtype: str, prompt_lens, n_decode: int, repeats: int) -> dict:
     import hybrid
-    from hybrid.placement import expert_host_bytes
+    from hybrid.core.placement import expert_host_bytes
     t0 = time.perf_counter()
     eng = hybrid.load(model, device="cpu", experts=fmt, threads=threads, dtype=dtype, prefetch="off")
     load_s = time.perf_counter() - t0
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="our device-side dtype on the CPU stand-in")
     a = p.parse_args(argv)
-    from hybrid.config import ModelConfig
+    from hybrid.core.config import ModelConfig
     cfg = ModelConfig.from_file(a.model)
     lens = [int(x) for x in a.prompt_lens.split(",") if x]
     ours = [x for x in a.ours.split(",") if x]

@@ -56,8 +56,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     import hybrid
-    from hybrid.report import write_placement
-    from hybrid.trace import record
+    from hybrid.profile.report import write_placement
+    from hybrid.profile.trace import record
     cfg = hybrid.ModelConfig.from_file(a.model)
     ps = prompts(cfg.vocab_size, a.requests, a.prompt_tokens)
     eng = hybrid.load(a.model, device="cpu", experts="fp8", threads=a.threads, prefetch="off")

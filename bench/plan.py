@@ -32,11 +32,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     import hybrid
-    from hybrid.calibrate import calibrate, load_calibration
-    from hybrid.hardware import local_machine
-    from hybrid.planner import AUTO_TRANSFER, make_plan
-    from hybrid.report import write_placement
-    from hybrid.trace import record
+    from hybrid.plan.calibrate import calibrate, load_calibration
+    from hybrid.plan.hardware import local_machine
+    from hybrid.plan.planner import AUTO_TRANSFER, make_plan
+    from hybrid.profile.report import write_placement
+    from hybrid.profile.trace import record
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     cfg = hybrid.ModelConfig.from_file(a.model)
     cal_path = a.calibration if a.calibration and a.calibration.is_file() else \

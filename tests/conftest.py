@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """make(kind, weights) -> folder of a tiny checkpoint, made once per session."""
-    from hybrid.tiny import make_tiny
+    from hybrid.models.tiny import make_tiny
     made = {}
 
     def make(kind: str = "k2", weights: str = "fp8") -> Path:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hybrid.bpe import tiny_ranks, write_tokenizer
-from hybrid.chat import DEFAULT_SYSTEM, encode_chat, parse_tool_calls, render_chat
-from hybrid.tokenizer import Tokenizer
+from hybrid.text.bpe import tiny_ranks, write_tokenizer
+from hybrid.text.chat import DEFAULT_SYSTEM, encode_chat, parse_tool_calls, render_chat
+from hybrid.text.tokenizer import Tokenizer
 
 SYS = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.sampler import sample
-from hybrid.tiny import make_tiny
+from hybrid.runtime.sampler import sample
+from hybrid.models.tiny import make_tiny
 
 
 def _digest(d):

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from hybrid.config import ConfigError, ModelConfig
-from hybrid.tiny import PRESETS
+from hybrid.core.config import ConfigError, ModelConfig
+from hybrid.models.tiny import PRESETS
 
 # Kimi K2-Instruct (0711) as shipped, abridged to the fields the runtime reads plus a few it ignores.
 K2 = {

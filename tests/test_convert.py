@@ -44,7 +44,7 @@ def _tree(d):
 
 
 def test_sigkill_then_rerun_is_byte_identical(tmp_path):
-    from hybrid.tiny import make_tiny
+    from hybrid.models.tiny import make_tiny
     # big enough that a conversion takes seconds: 6 MoE layers x 32 experts of 1024 x 512
     src = make_tiny(tmp_path / "src", weights="bf16", tokenizer=False, overrides={
         "hidden_size": 1024, "moe_intermediate_size": 512, "n_routed_experts": 32, "num_experts_per_tok": 4,
@@ -155,8 +155,8 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 def test_k2_thinking_compressed_tensors_int4_is_lossless(tiny_models, tmp_path):
     """A checkpoint in K2-Thinking's layout converts to our INT4 g32 store bit for bit."""
-    from hybrid.config import ModelConfig
-    from hybrid.weights import expert_names
+    from hybrid.core.config import ModelConfig
+    from hybrid.core.weights import expert_names
     from quant import int4 as qint4
     from quant.checkpoint import Checkpoint
     from quant.compressed import pack_int32, unpack_int32

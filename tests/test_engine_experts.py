@@ -33,8 +33,8 @@ def test_exact_formats_match_the_oracle(tiny_models, tmp_path, kind, weights):
 def int4_oracle(tiny_models, tmp_path_factory):
     """An oracle whose routed experts are the INT4-rounded weights our store holds."""
     from cpu_experts import LayerStore, StoreSpec
-    from hybrid.config import ModelConfig
-    from hybrid.weights import expert_names
+    from hybrid.core.config import ModelConfig
+    from hybrid.core.weights import expert_names
     src = tiny_models("k2", "bf16")
     cfg = ModelConfig.from_file(src)
     out = tmp_path_factory.mktemp("int4ref") / "m"

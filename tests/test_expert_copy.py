@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cpu_experts.measure import random_store
-from hybrid.expert_copy import device_expert
+from hybrid.runtime.expert_copy import device_expert
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.tokenizer import Tokenizer
+from hybrid.text.tokenizer import Tokenizer
 from quant.checkpoint import Checkpoint
 from quant.errors import CheckpointError
 from quant.gguf_export import GGUFExportError, add_export_parser, export_gguf

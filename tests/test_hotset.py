@@ -49,9 +49,9 @@ def test_all_resident_serves_everything_after_prefill(model):
 
 
 def test_static_placement_from_the_profiler(model, tmp_path):
-    from hybrid.analysis import analyze
-    from hybrid.report import write_report
-    from hybrid.trace import record
+    from hybrid.profile.analysis import analyze
+    from hybrid.profile.report import write_report
+    from hybrid.profile.trace import record
     eng = hybrid.load(model, device="cpu", experts="torch")
     trace = record(eng, [PROMPT, PROMPT[::-1]], 4)
     paths = write_report(trace, analyze(trace, max_layers=2), tmp_path, fraction=0.25)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hybrid
-from hybrid.config import ConfigError
+from hybrid.core.config import ConfigError
 from quant.errors import CheckpointError
 
 

@@ -1,8 +1,8 @@
 """Placement plans on hand-computed K2 numbers, and the clear failures."""
 import pytest
 
-from hybrid.config import ModelConfig
-from hybrid.placement import PlanError, expert_host_bytes, kv_cache_bytes, parse_size, plan_placement
+from hybrid.core.config import ModelConfig
+from hybrid.core.placement import PlanError, expert_host_bytes, kv_cache_bytes, parse_size, plan_placement
 from tests.test_config import K2
 
 GiB = 2**30

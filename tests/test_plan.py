@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from hybrid.cli import main
-from hybrid.config import ModelConfig
-from hybrid.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_gpus, parse_host, parse_rate
-from hybrid.known_models import resolve_config
-from hybrid.perf import ModelCost, Rates, decode_time, prefill_time
-from hybrid.placement import PlanError, dense_device_bytes, expert_host_bytes
-from hybrid.planner import host_check, make_plan, place
-from hybrid.synth import params_with, synthesize
-from hybrid.tiny import PRESETS
+from hybrid.core.config import ModelConfig
+from hybrid.plan.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_gpus, parse_host, parse_rate
+from hybrid.plan.known_models import resolve_config
+from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
+from hybrid.core.placement import PlanError, dense_device_bytes, expert_host_bytes
+from hybrid.plan.planner import host_check, make_plan, place
+from hybrid.profile.synth import params_with, synthesize
+from hybrid.models.tiny import PRESETS
 
 # A model small enough to add up by hand: a dense layer and a MoE layer, 4 experts, top-2.
 HAND = ModelCost(layers=((False, 100, 200, 0), (True, 100, 50, 0)), head_bytes=50, head_params=0, embed_bytes=0,
@@ -162,7 +162,7 @@ def test_presets_and_parsers():
 
 
 def test_overrides_are_read_and_checked():
-    from hybrid.hardware import with_overrides
+    from hybrid.plan.hardware import with_overrides
     m = with_overrides(_machine(), {"kernel_efficiency.int4": "0.6", "pcie": "10GB/s", "serial": "0.5",
                                     "n_gpus": "3", "gpu_reserve": "10"})
     assert m.kernel_efficiency["int4"] == 0.6
@@ -177,7 +177,7 @@ def test_overrides_are_read_and_checked():
 
 
 def test_a_trace_without_decode_steps_lends_its_all_token_figures():
-    from hybrid.planner import hit_rates
+    from hybrid.plan.planner import hit_rates
     t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=0), n_layers=1)
     rows, notes = hit_rates(t, 38, ("static",), 1 / 16)
     assert rows["static"]["decode_hit_rate"] == rows["static"]["prefill_hit_rate"] > 0
@@ -192,7 +192,7 @@ def test_a_dense_model_is_refused():
 
 def test_plan_on_a_tiny_config_with_a_trace():
     cfg = ModelConfig.from_dict(PRESETS["tiny"])
-    trace = synthesize(__import__("hybrid.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
+    trace = synthesize(__import__("hybrid.profile.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
                        params_with(n_requests=2, prompt_tokens=64, new_tokens=16))
     m = _machine(n_gpus=1, memory=64 * 2**20, ram=2**30)
     plan = make_plan(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256)
@@ -240,9 +240,9 @@ def test_cli_plan_bad_input(capsys, args, message):
 
 
 def test_calibrate_then_plan_this_machine(tmp_path, capsys):
-    from hybrid.calibrate import calibrate, load_calibration
+    from hybrid.plan.calibrate import calibrate, load_calibration
     d = tmp_path / "tiny"
-    from hybrid.tiny import make_tiny
+    from hybrid.models.tiny import make_tiny
     make_tiny(d, tokenizer=False)
     cfg = ModelConfig.from_file(d)
     path = calibrate(tmp_path / "cal.json", device="cpu", threads=1, pool_gib=0.02, formats=("fp8",),
@@ -267,7 +267,7 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
 
 
 def test_load_calibration_errors(tmp_path):
-    from hybrid.calibrate import load_calibration
+    from hybrid.plan.calibrate import load_calibration
     with pytest.raises(FileNotFoundError, match="hybrid plan --calibrate"):
         load_calibration(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text("{not json")
@@ -279,7 +279,7 @@ def test_load_calibration_errors(tmp_path):
 
 
 def test_replay_splits_loads_by_phase():
-    from hybrid.analysis import replay
+    from hybrid.profile.analysis import replay
     t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=32), n_layers=2)
     r = replay(t, ("lru",), (0.05,), loads_per_token=0.25)["lru"][0.05]
     decode_tokens = 2 * 32

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from hybrid.policies import make_policy
+from hybrid.core.policies import make_policy
 
 
 def step(p, *ids, phase="decode"):

@@ -5,12 +5,13 @@ import re
 import numpy as np
 import pytest
 
-from hybrid.analysis import analyze, coverage, lookahead, placement, replay
-from hybrid.profile_cli import main as profile_main
-from hybrid.profile_cli import parse_budget
-from hybrid.report import PlacementError, read_placement, write_report
-from hybrid.synth import params_with, synthesize
-from hybrid.trace import TraceModel, from_arrays, read_trace
+from hybrid.profile.analysis import analyze, coverage, lookahead, placement, replay
+from hybrid.cli.profile import main as profile_main
+from hybrid.cli.profile import parse_budget
+from hybrid.core.placement_file import PlacementError, read_placement
+from hybrid.profile.report import write_report
+from hybrid.profile.synth import params_with, synthesize
+from hybrid.profile.trace import TraceModel, from_arrays, read_trace
 
 ONE_LAYER = TraceModel(n_experts=4, top_k=1, moe_layers=(0,), num_hidden_layers=1)
 

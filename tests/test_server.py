@@ -22,14 +22,15 @@ import pytest
 import uvicorn
 
 import hybrid
-from hybrid.chat import (ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, encode_chat,
+from hybrid.text.chat import (ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, encode_chat,
                          parse_tool_calls, render_chat)
-from hybrid.server import add_serve_parser, create_app
-from hybrid.server_api import ApiError, parse_chat, parse_completion
-from hybrid.server_text import StopMatcher, ToolCallStream
-from hybrid.server_worker import LIVE_JOBS
-from hybrid.tiny import make_tiny
-from hybrid.tokenizer import Tokenizer
+from hybrid.cli.serve import add_serve_parser
+from hybrid.serve.app import create_app
+from hybrid.serve.api import ApiError, parse_chat, parse_completion
+from hybrid.serve.streaming import StopMatcher, ToolCallStream
+from hybrid.serve.worker import LIVE_JOBS
+from hybrid.models.tiny import make_tiny
+from hybrid.text.tokenizer import Tokenizer
 
 MODEL = "kimi-k2"
 CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from hybrid.analysis import coverage, lookahead, reuse_distance
-from hybrid.synth import DEFAULT_PARAMS, PRESETS, TARGETS, TOLERANCE, params_with, synthesize
+from hybrid.profile.analysis import coverage, lookahead, reuse_distance
+from hybrid.profile.synth import DEFAULT_PARAMS, PRESETS, TARGETS, TOLERANCE, params_with, synthesize
 
 SMALL = params_with(n_requests=6, prompt_tokens=96, new_tokens=32)
 

@@ -8,8 +8,8 @@ import pytest
 import regex
 import tiktoken
 
-from hybrid.bpe import CORPUS, tiny_ranks, train_bpe, write_tokenizer
-from hybrid.tokenizer import (K2_SPECIAL_TOKENS, KIMI_PAT_STR, StreamDecoder, Tokenizer, TokenizerMissing,
+from hybrid.text.bpe import CORPUS, tiny_ranks, train_bpe, write_tokenizer
+from hybrid.text.tokenizer import (K2_SPECIAL_TOKENS, KIMI_PAT_STR, StreamDecoder, Tokenizer, TokenizerMissing,
                               read_ranks)
 
 N = 768   # ranks of the tiny tokenizer; specials start here

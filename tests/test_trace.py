@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.trace import DECODE, PREFILL, Trace, TraceError, TraceModel, read_trace, record, write_trace
-from hybrid.trace_import import from_logical_count, read_routed_experts, read_sglang_dump
+from hybrid.profile.trace import DECODE, PREFILL, Trace, TraceError, TraceModel, read_trace, record, write_trace
+from hybrid.profile.trace_import import from_logical_count, read_routed_experts, read_sglang_dump
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""`hybrid generate`: prompt in (text through K2's chat template, or token ids), text or JSON out."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hybrid.cli.engine_options import add_engine_options, load_engine
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text or token ids")
+    add_engine_options(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (rendered with the K2 chat template unless --raw)")
+    src.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    g.add_argument("--raw", action="store_true", help="encode --prompt as plain text, without the chat template")
+    g.add_argument("--system", help="system prompt for the chat template (default: K2's)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--json", action="store_true", help='print {"tokens", "text", "stats"} as one JSON object')
+    g.set_defaults(func=cmd_generate)
+
+
+def _prompt_ids(a, tok, model_dir) -> list[int]:
+    if a.prompt_ids is not None:
+        return a.prompt_ids
+    if tok is None:
+        raise ValueError(f"{model_dir} has no tokenizer files (tiktoken.model, tokenizer_config.json); "
+                         f"pass --prompt-ids instead of --prompt")
+    text = a.prompt if a.prompt is not None else "Hello!"
+    if a.raw:
+        return tok.encode(text)
+    from hybrid.text.chat import DEFAULT_SYSTEM, encode_chat
+    return encode_chat(tok, [{"role": "system", "content": a.system or DEFAULT_SYSTEM},
+                             {"role": "user", "content": text}])
+
+
+def cmd_generate(a) -> int:
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    eng = load_engine(a)
+    if not a.json:
+        print(eng.plan.describe(), file=sys.stderr)
+    tok = eng.tokenizer
+    ids = _prompt_ids(a, tok, eng.info["model_dir"])
+    new = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    text_out = tok.decode(new, skip_special=True) if tok is not None else None
+    s = eng.stats()
+    if a.json:
+        print(json.dumps({"tokens": new, "text": text_out, "stats": s}))
+    else:
+        print(text_out if text_out is not None else ",".join(map(str, new)))
+    act = s["expert_activations"]
+    print(f"[hybrid] prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s, "
+          f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.1f} tok/s; "
+          f"routed experts ({s['experts']}): {act['cpu']} on CPU, {act['hot_set']} in the device hot set, "
+          f"{act['device']} on the device (reference); device={s['device']}", file=sys.stderr)
+    return 0

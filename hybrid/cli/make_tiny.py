@@ -1,0 +1,20 @@
+"""`hybrid make-tiny`: write a small deterministic checkpoint of the K2 architecture (hybrid/models/tiny.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_make_tiny_parser(sub) -> None:
+    t = sub.add_parser("make-tiny", help="write a small deterministic checkpoint of the K2 architecture")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weights", default="fp8", choices=["fp8", "bf16"], help="fp8 = as the K2 release stores them")
+    t.set_defaults(func=cmd_make_tiny)
+
+
+def cmd_make_tiny(a) -> int:
+    from hybrid.models.tiny import make_tiny
+    out = make_tiny(a.out, preset=a.preset, seed=a.seed, weights=a.weights, quiet=a.preset == "tiny")
+    print(f"wrote {a.preset} model to {out}")
+    return 0

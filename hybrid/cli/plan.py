@@ -1,0 +1,209 @@
+"""`hybrid plan`: will a model run on a machine, where does each part live, and how fast will it go.
+
+    hybrid plan --config kimi-k2 --gpus 4xA100-80GB --cpu 2xsapphire-rapids --ram 1TiB [--format int4]
+                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--json]
+    hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
+    hybrid plan --calibrate                                 measure this machine (about a minute)
+The model behind the numbers: hybrid/perf.py; the presets and their sources: hybrid/hardware.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/synth.py)
+
+
+def add_plan_parser(sub) -> None:
+    from hybrid.plan.hardware import GPUS, HOSTS
+    p = sub.add_parser("plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="kimi-k2", help="kimi-k2 | deepseek-v3 | a model folder (default kimi-k2)")
+    p.add_argument("--gpus", help=f"COUNTxNAME, e.g. 4xA100-80GB; names: {', '.join(GPUS)}")
+    p.add_argument("--machine", choices=["local"], help="this machine as `hybrid plan --calibrate` measured it")
+    p.add_argument("--cpu", help=f"[SOCKETSx]PRESET, e.g. 2xsapphire-rapids; presets: {', '.join(HOSTS)}")
+    p.add_argument("--cpu-bandwidth", help="peak DRAM bandwidth of all sockets, e.g. 600GB/s (overrides --cpu)")
+    p.add_argument("--sockets", type=int, help="CPU sockets (default: from --cpu, else 1)")
+    p.add_argument("--cpu-cores", type=int, help="cores of all sockets (default: from --cpu, else 64)")
+    p.add_argument("--ram", default=None, help="host RAM, e.g. 1TiB (default 1TiB; local: this machine's)")
+    p.add_argument("--pcie", help="host-to-GPU copy bandwidth, e.g. 25GB/s (default: from the GPU preset)")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (default: from the preset)")
+    p.add_argument("--hbm-bandwidth", help="GPU memory bandwidth, e.g. 2TB/s (default: from the preset)")
+    p.add_argument("--gpu-tflops", type=float, help="dense BF16 TFLOPS per GPU (default: from the preset)")
+    p.add_argument("--format", default="int4", choices=["int4", "fp8", "bf16"], help="routed experts in host RAM")
+    p.add_argument("--context", default="32k", help="tokens of KV cache to reserve, e.g. 32k (default 32k)")
+    p.add_argument("--prompt-tokens", default="4096", help="prompt length for prefill and decode predictions")
+    p.add_argument("--trace", type=Path, help="routing trace (hybrid profile record/import/synth); default: synthetic")
+    p.add_argument("--hot-set", default="auto", help="experts per MoE layer on the GPUs: auto (all free memory), "
+                                                     "a share such as 10%%, or a count")
+    p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
+    p.add_argument("--transfer-budget", default="auto",
+                   help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any machine figure: dram_efficiency, numa_efficiency, hbm_efficiency, mfu, serial, "
+                        "stage, moe_layer_s, dense_layer_s, token_s, gpu_reserve, host_reserve, overlap, "
+                        "kernel_efficiency.int4, cpu_flops_per_core.fp8, dequantize.bf16, ... (hybrid/hardware.py)")
+    p.add_argument("--calibration", type=Path, help="calibration file (default ~/.cache/hybrid/calibration.json)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (and time the layers of Kimi K2 and of --config), store it, and exit")
+    p.add_argument("--device", default="auto", help="with --calibrate: device to measure (auto, cpu, cuda)")
+    p.add_argument("--threads", type=int, help="with --calibrate: kernel threads (default: physical cores)")
+    p.add_argument("--pool-gib", type=float, default=2.0, help="with --calibrate: expert pool per format (GiB)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def parse_tokens(text: str) -> int:
+    """"32k" -> 32768, "4096" -> 4096."""
+    t = str(text).strip().lower()
+    mult = 1024 if t.endswith("k") else 1
+    try:
+        n = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise ValueError(f"cannot read token count {text!r}; write e.g. 32k or 4096") from None
+    if n <= 0:
+        raise ValueError(f"a token count must be positive, got {text!r}")
+    return n
+
+
+def build_machine(a, cfg) -> tuple:
+    """(Machine, assumptions) from the arguments."""
+    from hybrid.plan.calibrate import default_path, load_calibration
+    from hybrid.plan.hardware import DEFAULTS, DEV_CALIBRATION, Machine, from_calibration, local_machine, parse_gpus, \
+        parse_host, read_override, with_overrides
+    notes = []
+    cal_path = a.calibration or default_path()
+    if a.machine == "local":
+        m = local_machine(load_calibration(cal_path), cfg, a.format)
+        notes.append(f"machine: this one, from {cal_path}")
+    else:
+        if not a.gpus:
+            raise ValueError("say which GPUs: --gpus 4xA100-80GB (or --machine local for this machine)")
+        n, gpu = parse_gpus(a.gpus)
+        sockets, host = parse_host(a.cpu) if a.cpu else (1, None)
+        if a.sockets is not None:
+            sockets = read_override("sockets", a.sockets)
+        if host is None and not a.cpu_bandwidth:
+            raise ValueError("say what the host's memory is: --cpu 2xsapphire-rapids (a preset) or "
+                             "--cpu-bandwidth 600GB/s")
+        bw = read_override("dram_bandwidth", a.cpu_bandwidth) if a.cpu_bandwidth else host.bandwidth * sockets
+        cores = read_override("cores", a.cpu_cores) if a.cpu_cores is not None else \
+            (host.cores * sockets if host else 64)
+        if host is None:
+            notes.append(f"host given by bandwidth only: {sockets} socket(s) (--sockets), {cores} cores (--cpu-cores)"
+                         + ("; one socket means no NUMA penalty" if sockets == 1 else ""))
+        if Path(cal_path).is_file():
+            cpu_fields = from_calibration(load_calibration(cal_path))
+            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: "
+                         f"measured by `hybrid plan --calibrate` ({cal_path})")
+        else:
+            cpu_fields = dict(DEV_CALIBRATION)
+            notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured "
+                         "on this project's development machine (run `hybrid plan --calibrate` to use yours)")
+        m = Machine(gpu=gpu, n_gpus=n, ram=read_override("ram", a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
+                    cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
+        src = f"{host.name}: {host.source}" if host and not a.cpu_bandwidth else "given (--cpu-bandwidth)"
+        notes += [f"GPU: {gpu.name}: {gpu.source}; host-to-GPU copies {gpu.link / 1e9:.0f} GB/s (nvbandwidth-style "
+                  f"pinned copy figures)", f"host: {sockets} socket(s), {bw / 1e9:.0f} GB/s peak ({src}), {cores} cores"
+                  + ("" if a.ram else "; RAM 1 TiB (default; --ram)")]
+        for key in ("dram_efficiency", "hbm_efficiency", "mfu", "gpu_reserve", "host_reserve"):
+            v = DEFAULTS[key][0]
+            notes.append(f"{key} = {gib_or(v)}: {DEFAULTS[key][1]}")
+        if sockets > 1:
+            notes.append(f"numa_efficiency = {DEFAULTS['numa_efficiency'][0]}: {DEFAULTS['numa_efficiency'][1]}")
+        if n > 1:
+            notes.append("layers are split over the GPUs in order and run in turn (batch 1); today hybrid.load puts "
+                         "the dense part on one device: the split is what a multi-GPU load would do")
+    over = {"gpu_memory": a.gpu_memory, "hbm_bandwidth": a.hbm_bandwidth,
+            "gpu_flops": a.gpu_tflops * 1e12 if a.gpu_tflops is not None else None, "pcie": a.pcie,
+            "ram": a.ram if a.machine == "local" else None}
+    for item in a.set:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants FIELD=VALUE, got {item!r}")
+        over[k.strip()] = v.strip()
+        notes.append(f"{k.strip()} = {v.strip()} (given)")
+    m = with_overrides(m, over)
+    notes.append(f"fixed costs per decode token: {m.moe_layer_s * 1e6:.0f} us per MoE layer, "
+                 f"{m.dense_layer_s * 1e6:.0f} us per dense layer, {m.token_s * 1e6:.0f} us per token (host-side "
+                 f"Python and dispatch, measured; a faster host shortens them)")
+    return m, notes
+
+
+def gib_or(v: float) -> str:
+    return f"{v / 2**30:.0f} GiB" if v >= 2**20 else f"{v:g}"
+
+
+def trace_source(a, cfg):
+    """(a function that loads or synthesizes the routing trace to replay, a sentence on where it comes from).
+    Loading waits until the model is known to fit: a 32-request synthetic trace takes a few seconds."""
+    from hybrid.profile.synth import PRESETS, params_with, synthesize
+    from hybrid.profile.trace import TraceModel, read_trace
+    if a.trace:
+        return (lambda: read_trace(a.trace)), f"trace {a.trace}"
+    model = PRESETS.get(str(a.config).lower()) or TraceModel.from_config(cfg)
+    return ((lambda: synthesize(model, params_with(n_requests=SYNTH_REQUESTS), n_layers=min(4, len(model.moe_layers)))),
+            f"synthetic, {SYNTH_REQUESTS} requests of 768 prompt + 256 new tokens, K2-calibrated concentration "
+            f"(10 % of experts: 19 % of activations by global frequency, 45 % by the request's own)")
+
+
+def parse_transfer(text: str) -> float:
+    from hybrid.plan.planner import AUTO_TRANSFER
+    if text == "auto":
+        return AUTO_TRANSFER
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise ValueError(f"--transfer-budget wants auto or a number of copies per token per MoE layer >= 0 "
+                         f"(the runtime's auto is 1/16 = 0.0625), got {text!r}")
+    return v
+
+
+def cmd_plan(a) -> int:
+    if a.calibrate:
+        from hybrid.plan.calibrate import calibrate
+        from hybrid.plan.known_models import resolve_config
+        configs = [resolve_config("kimi-k2")[0]]
+        if str(a.config).lower() != "kimi-k2":
+            configs.append(resolve_config(a.config)[0])
+        path = calibrate(a.calibration, device=a.device, threads=a.threads, pool_gib=a.pool_gib, configs=configs,
+                         log=lambda s: print(s, file=sys.stderr))
+        print(f"calibration stored in {path}; plan this machine with `hybrid plan --config MODEL --machine local`")
+        return 0
+    from hybrid.plan.known_models import resolve_config
+    from hybrid.plan.planner import make_plan
+    cfg, label = resolve_config(a.config)
+    m, notes = build_machine(a, cfg)
+    transfer = parse_transfer(a.transfer_budget)
+    trace, source = trace_source(a, cfg)
+    notes = [f"routing: {source}; replayed through the runtime's policy classes on up to 4 MoE layers; the static "
+             f"set is the trace's own top experts (in-sample: an upper bound for a profile of similar traffic)"] + notes
+    e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
+    copy = ("the packed bytes are staged in pinned memory, cross the link and are decoded on the GPU"
+            if m.packed_copies else f"decoded on the host first ({e_params / m.dequantize[a.format]:.2f} s per expert)")
+    notes.append(f"hot-set experts are stored dequantized on the GPU (compute dtype); a copy: {copy}")
+    policies = tuple(x for x in a.policies.split(",") if x)
+    plan = make_plan(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
+                     prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
+                     assumptions=notes, trace_label=source.split(",")[0].split(" (")[0])
+    if a.json:
+        print(json.dumps(_finite(plan.to_json()), indent=1))
+    else:
+        print(plan.describe())
+    return 0
+
+
+def _finite(x):
+    """JSON has no inf: a roofline no resource binds becomes null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x

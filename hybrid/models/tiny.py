@@ -1,0 +1,160 @@
+"""make-tiny: deterministic small checkpoints of the real architecture, in the official release's formats.
+
+Presets:
+- tiny:  a K2-shaped model a few MB large (first layer dense, 1 shared expert, sigmoid/noaux_tc routing
+         with a non-zero bias, YaRN) for tests and the default `hybrid generate` run;
+- bench: K2's own expert shape (hidden 7168, expert width 2048, top-8) with 2 MoE layers x 64 experts,
+         5.25 GiB of routed weights in FP8: far beyond the ~64 MiB that acts as cache here, so benchmarks
+         measure memory, not cache.
+Weights are stored block-FP8 (float8_e4m3fn + weight_scale_inv, 128x128 blocks, ragged edges) exactly as
+the K2 release stores them, or BF16; shards with an index; tokenizer in K2's format (tiktoken.model +
+tokenizer_config.json) trained at make time from a bundled corpus.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from quant.fp8 import quantize_blocks_torch
+from quant.writer import write_sharded
+
+from hybrid.text.bpe import tiny_ranks, write_tokenizer
+from hybrid.core.config import ModelConfig
+from hybrid.core.weights import TensorSpec, dense_tensors, expert_tensors
+
+_TINY_RANKS = 768      # 256 bytes + 512 merges; + 256 reserved specials = vocab 1024
+
+_K2_COMMON = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
+    "vocab_size": _TINY_RANKS + 256, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+    "routed_scaling_factor": 2.827, "hidden_act": "silu", "rms_norm_eps": 1e-6, "moe_layer_freq": 1,
+    "rope_theta": 50000.0, "attention_bias": False, "tie_word_embeddings": False,
+    "bos_token_id": _TINY_RANKS, "eos_token_id": _TINY_RANKS + 1, "num_nextn_predict_layers": 0,
+    "torch_dtype": "bfloat16",
+}
+
+PRESETS = {
+    "tiny": {
+        **_K2_COMMON, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "max_position_embeddings": 8192,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 256,
+                         "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+    "bench": {
+        **_K2_COMMON, "hidden_size": 7168, "intermediate_size": 4096, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 8,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+}
+_SHARD_BYTES = {"tiny": 1 << 20, "bench": 2 << 30}
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+
+
+def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights: str = "fp8",
+              overrides: dict | None = None, tokenizer: bool = True, quiet: bool = True) -> Path:
+    """Write a deterministic checkpoint to out_dir (created; must not already hold a model).
+
+    Args:
+        preset: "tiny" or "bench" (see the module docstring).
+        seed: every tensor is drawn from its own generator seeded by (seed, tensor name), so a model is
+            identical on every machine and independent of write order.
+        weights: "fp8" (block-FP8 like the K2 release) or "bf16".
+        overrides: config.json fields to replace (tests build V3-like and no-q-compression variants).
+        tokenizer: also write K2-format tokenizer files.
+    Returns: the folder. The folder appears complete only at the end (written beside it, then renamed).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if weights not in ("fp8", "bf16"):
+        raise ValueError(f"weights must be 'fp8' or 'bf16', got {weights!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose a new folder or delete it")
+    raw = {**PRESETS[preset], **(overrides or {})}
+    if weights == "fp8":
+        raw["quantization_config"] = FP8_QUANT_CONFIG
+    cfg = ModelConfig.from_dict(raw, source=f"preset {preset}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))   # private to this call
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"]}, indent=2) + "\n")
+    write_sharded(tmp, _tensors(cfg, seed, weights, quiet), _SHARD_BYTES[preset])
+    if tokenizer:
+        write_tokenizer(tmp, tiny_ranks())
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+        # another process finished the same model first (ensure_default_tiny from two commands at once)
+    return out
+
+
+def _tensors(cfg: ModelConfig, seed: int, weights: str, quiet: bool):
+    table: dict[str, TensorSpec] = dict(dense_tensors(cfg))
+    for layer in cfg.moe_layers:
+        table.update(expert_tensors(cfg, layer))
+    for i, (name, spec) in enumerate(table.items()):
+        w = _init(name, spec, cfg, seed)
+        if not quiet and i % 64 == 0:
+            print(f"  {i}/{len(table)} tensors", flush=True)
+        if spec.fp8 and weights == "fp8":
+            codes, scale_inv = quantize_blocks_torch(w)
+            yield name, codes
+            yield name + "_scale_inv", scale_inv
+        elif spec.dtype == "f32":
+            yield name, w.float()
+        else:
+            yield name, w.to(torch.bfloat16)
+
+
+def _init(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + seed)
+    if name.endswith("e_score_correction_bias"):
+        # Non-zero so the "bias only chooses, never weighs" rule is exercised.
+        return (torch.rand(spec.shape, generator=g) - 0.5) * 0.2
+    if len(spec.shape) == 1:     # norm weights near 1
+        return 1.0 + 0.1 * torch.randn(spec.shape, generator=g)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(spec.shape, generator=g)
+    # Linear layers: std 1/sqrt(fan_in) keeps activations O(1) and spreads router logits (std ~1), so
+    # top-k choices are rarely near-ties.
+    return torch.randn(spec.shape, generator=g) / spec.shape[1] ** 0.5
+
+
+def default_tiny_dir() -> Path:
+    """The tiny model `hybrid generate` uses when no --model is given (made on first use). The folder name
+    carries a hash of the preset and the tokenizer corpus, so a change to either makes a new model instead
+    of reusing a stale one."""
+    from hybrid.text.bpe import CORPUS
+    base = Path(os.environ.get("HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid")
+    h = hashlib.sha256(json.dumps(PRESETS["tiny"], sort_keys=True).encode() + Path(CORPUS).read_bytes())
+    return base / f"tiny-fp8-seed0-{h.hexdigest()[:10]}"
+
+
+def ensure_default_tiny() -> Path:
+    d = default_tiny_dir()
+    if not (d / "config.json").is_file():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        make_tiny(d)
+    return d

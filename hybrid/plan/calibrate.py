@@ -1,0 +1,166 @@
+"""`hybrid plan --calibrate`: measure this machine once, so plans scale from measured efficiency.
+
+What is measured (each figure is best of a few rounds; the host may be shared):
+- read_bandwidth: the Numba read loop with software prefetch over a pool far larger than the cache, all
+  kernel threads (the ceiling the CPU kernels are held against, KERNEL-NOTES);
+- per expert format: the CPU MoE's decode bandwidth on one-token calls with 8 random experts of K2's shape
+  over the same-sized pool, and its fraction of the read loop ("kernel_efficiency"); prefill GFLOP/s per
+  thread (256 tokens over 64 experts); the host cost of turning one stored expert into a device copy
+  (LayerStore.dequantize + conversion to the compute dtype, what a hot-set load does);
+- the device side (torch on `device`: CUDA, or the CPU standing in for it): matrix-vector bandwidth over
+  K2-shaped weights in the compute dtype, matmul FLOP/s at 512 tokens, host-to-device copy rate;
+- fixed costs, from the engine itself: decode of three tiny models of the same structure (2 dense layers;
+  1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE layer beyond their weight
+  reads (Python, dispatch, small ops, the router, the CPU-expert call) and the per-token rest (embedding,
+  lm_head, sampler).
+The device-side measurements live in hybrid/calibrate_device.py. The result is a JSON file (default
+~/.cache/hybrid/calibration.json, or $HYBRID_CALIBRATION) read by
+`hybrid plan --machine local` and used to scale predictions for other hardware.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hybrid.plan.calibrate_device import measure_device, measure_join, measure_modules
+
+GIB = 1 << 30
+FORMATS = ("int4", "fp8", "bf16")
+
+
+def default_path() -> Path:
+    env = os.environ.get("HYBRID_CALIBRATION")
+    return Path(env) if env else Path.home() / ".cache" / "hybrid" / "calibration.json"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def measure_cpu(pool_gib: float, threads: int, formats=FORMATS, calls: int = 24, log=print) -> dict:
+    """Read bandwidth and, per format, the CPU kernels' decode bandwidth, prefill rate and copy cost."""
+    from cpu_experts import CpuMoE
+    from cpu_experts.measure import H, I, TOPK, decode_bw, prefill, random_store, read_bandwidth
+    from quant.layout import make_layout
+    rng = np.random.default_rng(0)
+    out: dict = {"pool_gib": pool_gib, "threads": threads, "formats": {}}
+    reads = []
+    for fmt in formats:
+        n = max(4 * TOPK, int(pool_gib * GIB // make_layout(fmt, H, I).stride))
+        store = random_store(fmt, n, rng)
+        moe = CpuMoE({0: store}, threads=threads)
+        rb = max(v for k, v in read_bandwidth(store.buffer, threads, False).items() if "prefetch" in k)
+        reads.append(rb)
+        gbs, dt = decode_bw(moe, store, calls, rng)
+        pre = prefill(moe, store, rng, T=256, rounds=1)
+        t = time.perf_counter()
+        for e in range(5):
+            store.dequantize(e)
+        deq = (time.perf_counter() - t) / 5
+        out["formats"][fmt] = {
+            "decode_gbs": gbs, "decode_ms_per_call": dt * 1e3, "kernel_efficiency": gbs / rb,
+            "prefill_gflops": pre["prefill GFLOP/s"], "prefill_gflops_per_thread": pre["prefill GFLOP/s"] / threads,
+            "dequantize_params_per_s": 3 * H * I / deq, "path": moe.paths()[0]}
+        log(f"  {fmt}: decode {gbs:.1f} GB/s = {100 * gbs / rb:.0f} % of the read loop ({rb:.1f} GB/s), "
+            f"prefill {pre['prefill GFLOP/s']:.0f} GFLOP/s, dequantize {3 * H * I / deq / 1e9:.2f} Gparam/s")
+        moe.close()
+        del moe, store
+    out["read_gbs"] = float(np.mean(reads))
+    return out
+
+
+def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", tokens: int = 32, log=print) -> dict:
+    """Fixed costs of the engine per decode token, from three tiny models of the same structure: two dense
+    layers; one dense + one MoE; one dense + five MoE. Their weights are small, so what remains is Python,
+    dispatch, small ops and the CPU-expert call: token = A - 2d, dense layer d = A - B + m, MoE layer
+    m = (C - B) / 4."""
+    from hybrid.runtime.loader import load
+    from hybrid.models.tiny import make_tiny
+    shapes = {"A": (2, 2), "B": (2, 1), "C": (6, 1)}            # (layers, first_k_dense_replace)
+    t = {}
+    with tempfile.TemporaryDirectory(prefix="hybrid-calibrate-") as tmp:
+        for key, (n, k) in shapes.items():
+            d = make_tiny(Path(tmp) / key, preset="tiny", tokenizer=False,
+                          overrides={"num_hidden_layers": n, "first_k_dense_replace": k, "n_routed_experts": 64,
+                                     "num_experts_per_tok": 8})
+            eng = load(d, device=device, dtype=dtype, experts=fmt, threads=threads, prefetch="off")
+            eng.generate([1, 2, 3, 4], 4, stop_ids=())
+            best = float("inf")
+            for _ in range(5):
+                eng.reset_stats()
+                eng.generate([5, 6, 7, 8], tokens, stop_ids=())
+                s = eng.stats()
+                best = min(best, s["decode_seconds"] / max(1, s["decode_tokens"] - 1))
+            t[key] = best
+            del eng
+    m = max(0.0, (t["C"] - t["B"]) / 4)
+    d = max(0.0, t["A"] - t["B"] + m)
+    tok = max(0.0, t["A"] - 2 * d)
+    log(f"  fixed costs per decode token: {tok * 1e6:.0f} us + {d * 1e6:.0f} us per dense layer + "
+        f"{m * 1e6:.0f} us per MoE layer")
+    return {"token_s": tok, "dense_layer_s": d, "moe_layer_s": m, "raw_s": t}
+
+
+def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+              pool_gib: float = 2.0, formats=FORMATS, device_gib: float | None = None, configs=None,
+              join_shape=None, log=print) -> Path:
+    """Measure this machine and write the calibration JSON; returns its path. configs: ModelConfigs whose
+    layers to time on the device (default: Kimi K2's)."""
+    from hybrid.runtime.loader import default_threads
+    threads = threads or default_threads()
+    path = Path(out) if out else default_path()
+    log(f"calibrating {cpu_name()} with {threads} threads (pool {pool_gib} GiB per format; about a minute)")
+    t0 = time.time()
+    data = {"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),
+            "threads": threads, "cpu_side": measure_cpu(pool_gib, threads, formats, log=log),
+            "device_side": measure_device(device, dtype, device_gib, log=log),
+            "overheads": measure_overheads(device, dtype, threads, "fp8" if "fp8" in formats else formats[0], log=log),
+            "join": measure_join(device, dtype, threads, join_shape, log=log)}
+    if configs is None:
+        from hybrid.plan.known_models import resolve_config
+        configs = [resolve_config("kimi-k2")[0]]
+    data["modules"] = {}
+    for cfg in configs:
+        r = measure_modules(cfg, device, dtype, log=log)
+        data["modules"][r["key"]] = r
+    try:
+        import psutil
+        data["ram_bytes"] = int(psutil.virtual_memory().total)
+    except ImportError:
+        data["ram_bytes"] = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    data["seconds"] = round(time.time() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    log(f"wrote {path} ({data['seconds']} s)")
+    return path
+
+
+def load_calibration(path: str | Path | None = None) -> dict:
+    """The stored calibration; a clear error when there is none or it is not one."""
+    p = Path(path) if path else default_path()
+    if not p.is_file():
+        raise FileNotFoundError(f"no calibration at {p}; run `hybrid plan --calibrate` on this machine first "
+                                f"(about a minute), or pass --calibration FILE")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not a calibration file ({e}); run `hybrid plan --calibrate` again") from None
+    missing = [k for k in ("cpu_side", "device_side", "overheads") if k not in data]
+    if data.get("version") != 1 or missing:
+        raise ValueError(f"{p} is not a version-1 calibration (missing {missing or 'version'}); "
+                         f"run `hybrid plan --calibrate` again")
+    return data

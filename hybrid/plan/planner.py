@@ -1,0 +1,274 @@
+"""`hybrid plan`: what fits where on a machine, and the predicted prefill and decode speed per prefetch policy.
+
+    make_plan(cfg, machine, fmt, context, ...) -> Plan      (pure given a trace; Plan.describe() / .to_json())
+
+Steps: bytes of the model under this runtime's placement (hybrid.perf.ModelCost: dense weights and the KV
+cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts dequantized on
+the GPUs) -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
+layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
+through hybrid.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
+seconds per token from hybrid.perf with the machine's rates.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from hybrid.profile.analysis import replay, replay_layers
+from hybrid.core.config import ModelConfig
+from hybrid.plan.hardware import Machine
+from hybrid.plan.perf import ModelCost, decode_time, prefill_time
+from hybrid.core.placement import PlanError, gib, share_of_experts
+from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, POLICIES
+from hybrid.profile.trace import Trace, TraceModel
+
+AUTO_TRANSFER = AUTO_LOADS_PER_TOKEN      # the runtime's transfer_budget="auto", in copies per token per MoE layer
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    index: int
+    first_layer: int
+    last_layer: int
+    embed: bool
+    head: bool
+    dense_bytes: int
+    kv_bytes: int
+    hot_bytes: int
+    free_bytes: int
+
+    def describe(self, moe_on_gpu: int, per_layer: int) -> str:
+        parts = (["embeddings"] if self.embed else []) + \
+            ([f"layers {self.first_layer}-{self.last_layer}"] if self.last_layer >= self.first_layer else []) + \
+            (["lm_head"] if self.head else [])
+        return (f"GPU {self.index}: {' + '.join(parts)}: dense {gib(self.dense_bytes)} + KV {gib(self.kv_bytes)} + "
+                f"hot set {gib(self.hot_bytes)} ({per_layer} experts x {moe_on_gpu} MoE layers), "
+                f"{gib(self.free_bytes)} free")
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    expert_format: str
+    context: int
+    prompt_tokens: int
+    machine: Machine
+    gpus: tuple[GpuShare, ...]
+    experts_per_layer: int
+    hot_set_request: str
+    hot_set_capped: bool
+    n_experts: int
+    moe_layers: int
+    expert_device_bytes: int
+    host_store_bytes: int
+    host_needed_bytes: int
+    trace_source: str
+    rows: tuple[dict, ...]           # one per policy: hit rates, loads, decode / prefill predictions
+    assumptions: tuple[str, ...]
+    moe_layer_ids: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["machine"]["gpu"] = asdict(self.machine.gpu)
+        d["hot_set_share"] = self.experts_per_layer / self.n_experts
+        return d
+
+    def describe(self) -> str:
+        m = self.machine
+        cpu = m.rates(self.expert_format).cpu_experts
+        lines = [f"plan: {self.model}, {self.expert_format} experts in host RAM, context {self.context} tokens",
+                 f"machine: {m.n_gpus} x {m.gpu.name} ({gib(m.gpu.memory)}, {m.gpu.bandwidth / 1e9:.0f} GB/s, "
+                 f"{m.gpu.flops / 1e12:.3g} TFLOPS, link {m.gpu.link / 1e9:.1f} GB/s); host {m.sockets} socket(s), "
+                 f"{m.cores} cores, DRAM {m.dram_bandwidth / 1e9:.0f} GB/s -> CPU experts read at "
+                 f"{cpu / 1e9:.0f} GB/s; "
+                 f"RAM {gib(m.ram)}", "placement:"]
+        for g in self.gpus:
+            moe_here = sum(1 for L in self.moe_layer_ids if g.first_layer <= L <= g.last_layer)
+            lines.append("  " + g.describe(moe_here, self.experts_per_layer))
+        if len(self.gpus) < m.n_gpus:
+            lines.append(f"  GPU {len(self.gpus)}-{m.n_gpus - 1}: unused (everything fits on fewer GPUs)")
+        lines.append(f"  hot set: {self.experts_per_layer} of {self.n_experts} experts in each of {self.moe_layers} "
+                     f"MoE layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
+                     f"{gib(self.expert_device_bytes)} each on the GPU (dequantized)"
+                     + (f"; capped by GPU memory (asked {self.hot_set_request})" if self.hot_set_capped else ""))
+        lines.append(f"  host: routed experts ({self.expert_format}) {gib(self.host_store_bytes)} + reserve "
+                     f"{gib(m.host_reserve)} = {gib(self.host_needed_bytes)} of {gib(m.ram)} RAM")
+        lines.append(f"predicted, batch 1 (routing: {self.trace_source}); decode at {self.prompt_tokens} and "
+                     f"{self.context} tokens of context, prefill of {self.prompt_tokens} tokens:")
+        lines.append("| policy | hot-set hits (decode) | copies/token | decode tok/s | at full context | prefill tok/s "
+                     "| decode bound by | roofline |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in self.rows:
+            d = r["decode"]
+            lines.append(f"| {r['policy']} | {100 * r['decode_hit_rate']:.1f} % | "
+                         f"{r['decode_copies_per_token_layer'] * self.moe_layers:.2f} | "
+                         f"{1 / d['seconds']:.2f} | {1 / r['decode_full_context']['seconds']:.2f} | "
+                         f"{r['prefill_tokens_per_s']:.1f} | {d['binding']} ({1e3 * d['terms_s'][d['binding']]:.1f} of "
+                         f"{1e3 * d['seconds']:.1f} ms) | {d['roofline_per_s']:.1f} tok/s |")
+        lines.append("assumptions:")
+        lines += [f"  - {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+
+def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple[int, int]:
+    """(store bytes, bytes needed); PlanError with what would fit when RAM is too small."""
+    store = cost.expert_host * cost.n_experts * cost.moe_layers
+    need = store + m.host_reserve
+    if need > m.ram:
+        needs = {f: ModelCost.of(cfg, m.dtype_bytes, f).expert_host * cost.n_experts * cost.moe_layers + m.host_reserve
+                 for f in ("int4", "fp8", "bf16")}
+        alt = "; ".join(f"{f} needs {gib(v)}" + (" (fits)" if v <= m.ram else "") for f, v in needs.items())
+        fix = ("use a format that fits (--format)" if any(v <= m.ram for v in needs.values()) else
+               f"no format fits: give the machine at least {gib(needs['int4'])} of RAM (--ram)")
+        raise PlanError(f"the routed experts in {fmt} take {gib(store)} + {gib(m.host_reserve)} reserve = {gib(need)} "
+                        f"of host RAM, but the machine has {gib(m.ram)}; {alt}. {fix[0].upper() + fix[1:]}")
+    return store, need
+
+
+def split_layers(cost: ModelCost, m: Machine, context: int, cap: int) -> list[GpuShare] | None:
+    """Contiguous layers per GPU, filled in order (embeddings first, lm_head last) with `cap` hot experts per
+    MoE layer; None when they do not fit."""
+    usable = m.gpu.memory - m.gpu_reserve
+    kv = context * cost.kv_bytes_per_token
+    items = [("embed", cost.embed_bytes, 0, 0)] + [
+        (L, a + f, kv, cap * cost.expert_device if moe else 0) for L, (moe, a, f, _) in enumerate(cost.layers)] + \
+        [("head", cost.head_bytes, 0, 0)]
+    shares, g, cur = [], 0, []
+
+    def close(group):
+        layers = [it[0] for it in group if isinstance(it[0], int)]
+        dense, kvb, hot = (sum(it[i] for it in group) for i in (1, 2, 3))
+        shares.append(GpuShare(len(shares), layers[0] if layers else 0, layers[-1] if layers else -1,
+                               any(it[0] == "embed" for it in group), any(it[0] == "head" for it in group),
+                               dense, kvb, hot, usable - dense - kvb - hot))
+    used = 0
+    for it in items:
+        size = it[1] + it[2] + it[3]
+        if size > usable:
+            return None
+        if used + size > usable:
+            close(cur)
+            g, cur, used = g + 1, [], 0
+            if g >= m.n_gpus:
+                return None
+        cur.append(it)
+        used += size
+    close(cur)
+    return shares
+
+
+def place(cost: ModelCost, m: Machine, context: int, want: int) -> tuple[list[GpuShare], int]:
+    """The GPU split with min(want, the most that fits) hot experts per MoE layer; PlanError with the most
+    context that fits when even no hot set does."""
+    base = split_layers(cost, m, context, 0)
+    if base is None:
+        lo, hi = 0, context
+        while lo < hi:                                   # the most context that fits, without a hot set
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if split_layers(cost, m, mid, 0) else (lo, mid - 1)
+        total = m.n_gpus * (m.gpu.memory - m.gpu_reserve)
+        fixed = cost.embed_bytes + sum(a + f for _, a, f, _ in cost.layers) + cost.head_bytes
+        kv = context * cost.kv_bytes_per_token * len(cost.layers)
+        more = next((n for n in range(m.n_gpus + 1, 65) if split_layers(cost, replace(m, n_gpus=n), context, 0)), None)
+        gpus = f"{more} x {m.gpu.name} would hold it" if more else "no count of these GPUs up to 64 would hold it"
+        hint = (f"the most context that fits is {lo} tokens (--context {lo}); for {context} tokens {gpus}" if lo > 0
+                else f"even without a KV cache the dense weights do not fit; {gpus}")
+        raise PlanError(f"{m.n_gpus} x {m.gpu.name} offer {gib(total)} after a {gib(m.gpu_reserve)} reserve each, "
+                        f"but dense weights take {gib(fixed)} and the KV cache for {context} tokens {gib(kv)} "
+                        f"(layers are not split inside a GPU); {hint}")
+    lo, hi = 0, min(want, cost.n_experts)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if split_layers(cost, m, context, mid) else (lo, mid - 1)
+    return split_layers(cost, m, context, lo), lo
+
+
+def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max_layers: int = 4) -> tuple[dict, list]:
+    """({policy: replay figures} at `capacity` experts per layer, "none" = no hot set; notes). A trace with no
+    decode (or no prefill) steps lends that phase its all-token figures, and says so."""
+    zero = {"decode_hit_rate": 0.0, "prefill_hit_rate": 0.0, "decode_loads_per_token": 0.0,
+            "prefill_loads_per_token": 0.0}
+    out, notes = {"none": zero}, []
+    if capacity <= 0:
+        return out, notes
+    frac = capacity / trace.model.n_experts
+    res = replay(trace, tuple(policies), (frac,), replay_layers(trace, max_layers), loads_per_token)
+    for p in policies:
+        r = res[p][frac]
+        row = {}
+        for k in zero:
+            phase = k.split("_")[0]
+            if r[k] is None:
+                row[k] = r["hit_rate" if "hit" in k else "loads_per_token"]
+                note = (f"the trace has no {phase} steps: {phase} figures are those of all its tokens "
+                        f"(e.g. an SGLang dump without forward modes)")
+                if note not in notes:
+                    notes.append(note)
+            else:
+                row[k] = r[k]
+        out[p] = row
+    return out, notes
+
+
+def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace, *,
+              hot_set: str | int | float = "auto", prompt_tokens: int = 4096, policies=POLICIES,
+              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4,
+              trace_label: str | None = None) -> Plan:
+    """The plan for `cfg` on machine `m` (see the module docstring). trace: a Trace, or a function returning
+    one (called only once the model is known to fit). hot_set: "auto" (all free GPU memory), a share "10%",
+    or experts per layer (int)."""
+    if not cfg.moe_layers:
+        raise PlanError("this model has no MoE layers: there are no routed experts to offload; it is a dense "
+                        "model, which this runtime does not plan")
+    cost = ModelCost.of(cfg, m.dtype_bytes, fmt)
+    store, need = host_check(cfg, cost, m, fmt)
+    want = _want(hot_set, cfg.n_routed_experts)
+    if not 0 < context <= cfg.max_position_embeddings:
+        raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    gpus, cap = place(cost, m, context, want)
+    trace = trace() if callable(trace) else trace
+    _check_shape(cfg, trace)
+    rates = m.rates(fmt)
+    prompt = min(prompt_tokens, context)
+    rows = []
+    rates_by_policy, trace_notes = hit_rates(trace, cap, policies, transfer, max_layers)
+    for pol, r in rates_by_policy.items():
+        h = r["decode_hit_rate"]
+        dec = decode_time(cost, rates, h, r["decode_loads_per_token"], prompt)
+        full = decode_time(cost, rates, h, r["decode_loads_per_token"], context)
+        pre = prefill_time(cost, rates, r["prefill_hit_rate"], r["prefill_loads_per_token"], prompt,
+                           resident=cap if pol != "none" else 0)
+        rows.append({"policy": pol, "decode_hit_rate": h,
+                     "decode_copies_per_token_layer": r["decode_loads_per_token"],
+                     "prefill_hit_rate": r["prefill_hit_rate"],
+                     "prefill_copies_per_token_layer": r["prefill_loads_per_token"],
+                     "decode": dec, "decode_tokens_per_s": 1 / dec["seconds"], "decode_full_context": full,
+                     "prefill": pre, "prefill_tokens_per_s": prompt / pre["seconds"]})
+    plan = Plan(label, fmt, context, prompt, m, tuple(gpus), cap, str(hot_set), cap < min(want, cfg.n_routed_experts),
+                cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device, store, need, trace_label or trace.source,
+                tuple(rows), tuple(assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers))
+    return plan
+
+
+def _check_shape(cfg: ModelConfig, trace: Trace) -> None:
+    """A trace may cover a subset of the MoE layers (synthetic, or `--layers`), but the routing must match."""
+    if (trace.model.n_experts, trace.model.top_k) != (cfg.n_routed_experts, cfg.num_experts_per_tok) or \
+            not set(trace.model.moe_layers) <= set(cfg.moe_layers):
+        TraceModel.from_config(cfg).check(trace.model, "the routing trace")
+
+
+_HOT_SET_HELP = "cannot read --hot-set {!r}; write auto, 10% or a number of experts per layer"
+
+
+def _want(hot_set, n_experts: int) -> int:
+    if hot_set in ("auto", None):
+        return n_experts
+    n = share_of_experts(hot_set, n_experts, "--hot-set")
+    if n is not None:
+        return n
+    try:
+        n = int(hot_set)
+    except (TypeError, ValueError):
+        raise ValueError(_HOT_SET_HELP.format(hot_set)) from None
+    if not 0 <= n <= n_experts:
+        raise ValueError(f"--hot-set must lie in 0..{n_experts} experts per layer, got {n}")
+    return n

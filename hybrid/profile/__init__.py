@@ -1,0 +1,1 @@
+"""The expert hit-rate profiler: routing traces (recorded, imported, synthesized), policy replay, reports."""

@@ -1,0 +1,2 @@
+"""The runtime: loading a model folder, the torch model, the engine, routed-expert backends, the hot set,
+the sampler."""

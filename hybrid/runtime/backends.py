@@ -1,0 +1,82 @@
+"""Building the routed-expert backend from a checkpoint, the options and the placement plan.
+
+    torch        -> TorchExperts: every expert dequantized on the device (the reference path)
+    int4/fp8/bf16, no hot set -> CpuExperts over one LayerStore per MoE layer
+    int4/fp8/bf16 + hot set   -> HybridExperts: a policy per layer picks device copies, the CPU does the rest
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hybrid.core.config import ModelConfig
+from hybrid.runtime.experts import CpuExperts, TorchExperts
+from hybrid.runtime.hotset import HybridExperts
+from hybrid.core.options import RuntimeOptions
+from hybrid.core.placement import PlacementPlan, parse_size
+from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, make_policy
+from hybrid.core.weights import expert_names, expert_shapes
+
+
+def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype, stores=None) -> TorchExperts:
+    """Every routed expert dequantized on the device: from the checkpoint, or from a converted store."""
+    shapes = expert_shapes(cfg)
+    weights = {}
+    for layer in cfg.moe_layers:
+        mats = [[], [], []]
+        for e in range(cfg.n_routed_experts):
+            if stores is not None:
+                got = [torch.from_numpy(m) for m in stores[layer].dequantize(e)]
+            else:
+                got = [ckpt.get(n, dtype=torch.float32, expect_shape=s) for n, s in zip(expert_names(layer, e), shapes)]
+            for k, w in enumerate(got):
+                mats[k].append(w.to(dev, dt))
+        weights[layer] = tuple(torch.stack(m) for m in mats)
+    return TorchExperts(weights)
+
+
+def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
+    """One in-memory LayerStore per MoE layer, converted from the checkpoint the way `hybrid-quant convert`
+    converts it (FP8 -> fp8 keeps the released bytes)."""
+    from quant.convert import expert_source
+    from quant.store import LayerStore, StoreSpec
+    spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
+    source = expert_source(ckpt, {"H": cfg.hidden_size, "I": cfg.moe_intermediate_size, "E": cfg.n_routed_experts,
+                                  "moe_layers": cfg.moe_layers, "quantization_config": cfg.quantization_config})
+    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source.expert(L, e))
+            for layer in cfg.moe_layers}
+
+
+def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan, model,
+                      dev: torch.device, dt: torch.dtype, threads: int, placement: dict | None = None):
+    """placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others."""
+    from cpu_experts import CpuMoE
+    cpu = CpuExperts(CpuMoE(stores, threads=threads, activations=opts.activations))
+    policy_name = opts.prefetch if opts.prefetch not in ("auto",) else "router"
+    if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
+        return cpu
+    per_token = _loads_per_token(opts.transfer_budget, plan)
+    placement = placement if policy_name == "static" and placement else {}
+    policies = {}
+    for L in cfg.moe_layers:
+        resident = placement.get(L, [])[: plan.experts_per_layer]
+        cap = plan.experts_per_layer
+        policies[L] = make_policy(policy_name, cfg.n_routed_experts, cap, per_token, resident)
+    return HybridExperts(cpu, stores, policies, dev, dt, _lookahead(cfg, model))
+
+
+def _loads_per_token(budget, plan: PlacementPlan) -> float:
+    """Bytes per token (all layers together) -> expert copies per token per layer."""
+    if budget == "auto":
+        return AUTO_LOADS_PER_TOKEN
+    b = parse_size(budget)
+    per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
+    return b / per_copy if per_copy else math.inf
+
+
+def _lookahead(cfg: ModelConfig, model) -> dict:
+    """Layer L's MoE input goes through the routers of the next two MoE layers (look-ahead gating)."""
+    moe = cfg.moe_layers
+    routers = {L: model.model.layers[L].mlp.gate for L in moe}
+    return {L: [(t, routers[t]) for t in moe[i + 1:i + 3]] for i, L in enumerate(moe)}
