@@ -47,6 +47,7 @@ class MLA(nn.Module):
         self.scale = softmax_scale
         self.rope = rope
         dq = qk_nope_head_dim + qk_rope_head_dim
+        self.q_compressed = q_lora_rank is not None
         if q_lora_rank is None:   # V2-Lite style: no query compression
             self.q_proj = nn.Linear(hidden, n_heads * dq, bias=False)
         else:
@@ -59,7 +60,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(n_heads * v_head_dim, hidden, bias=False)
 
     def _query(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_compressed else self.q_proj(x)
         q = q.view(x.shape[0], self.nh, self.dn + self.dr)
         return q[..., : self.dn], self.rope.apply(q[..., self.dn:], pos)          # [T,nh,dn], [T,nh,dr]
 

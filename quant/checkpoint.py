@@ -315,6 +315,15 @@ class Checkpoint:
         """One tensor exactly as stored (any dtype; FP8 stays float8_e4m3fn, its scale is a separate name)."""
         return self._read(name)
 
+    def check_shape(self, name: str, expect_shape: tuple) -> None:
+        """Raise CheckpointError (naming the file and tensor) unless `name` is stored with this shape."""
+        info = self._info(name)
+        if tuple(expect_shape) != info.shape:
+            raise CheckpointError(
+                f"has shape {list(info.shape)} but {list(expect_shape)} was expected: the config.json does "
+                "not match the weights", file=info.file, tensor=name,
+                fix="use the config.json that came with this checkpoint")
+
     def get(self, name: str, dtype: torch.dtype = torch.float32, expect_shape: tuple | None = None) -> torch.Tensor:
         """Read one tensor as `dtype` (BF16/F16/F32 converted; F8_E4M3 dequantized with its scale).
 
@@ -328,11 +337,8 @@ class Checkpoint:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch dtype such as torch.bfloat16, got {dtype!r}")
         info = self._info(name)
-        if expect_shape is not None and tuple(expect_shape) != info.shape:
-            raise CheckpointError(
-                f"has shape {list(info.shape)} but {list(expect_shape)} was expected: the config.json does "
-                "not match the weights", file=info.file, tensor=name,
-                fix="use the config.json that came with this checkpoint")
+        if expect_shape is not None:
+            self.check_shape(name, expect_shape)
         if info.dtype != FP8_DTYPE:
             return self._read(name).to(dtype)
         scale_name = name + SCALE_SUFFIX

@@ -29,6 +29,9 @@ FORMATS = {
 }
 
 
+FORMAT_NAMES = tuple(FORMATS)      # the allowed format names, in this order everywhere
+
+
 def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise ValueError(f"unknown expert format {name!r}; choose one of {sorted(FORMATS)}")

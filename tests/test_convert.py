@@ -26,7 +26,7 @@ def test_store_logits_equal_in_memory_conversion(tiny_models, tmp_path, source, 
     src = tiny_models("k2", source)
     out = convert(src, tmp_path / "store", fmt, quiet=True)
     from_store = hybrid.load(out, device="cpu")
-    assert from_store.info["experts"] == fmt and from_store.plan.mmap
+    assert from_store.info.experts == fmt and from_store.plan.mmap
     in_memory = hybrid.load(src, device="cpu", experts=fmt)
     assert torch.equal(from_store.forward(PROMPT), in_memory.forward(PROMPT))
     manifest = json.loads((out / MANIFEST).read_text())

@@ -43,6 +43,7 @@ def test_cached_decode_equals_recomputation(tiny_models):
 
 def test_absorbed_decode_equals_prefill_form(tiny_models):
     from gpu_attn import MLACache
+    from hybrid.runtime.model import Step
     eng = hybrid.load(tiny_models("v3", "bf16"), device="cpu", experts="torch")
     cfg, m = eng.cfg, eng.model
     ids = torch.tensor(PROMPT)
@@ -51,8 +52,8 @@ def test_absorbed_decode_equals_prefill_form(tiny_models):
         for absorbed in (False, True):
             cache = MLACache(cfg.num_hidden_layers, len(PROMPT), cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                              torch.float32, "cpu")
-            m.hidden(ids[:-3], 0, cache)
+            m.hidden(ids[:-3], Step("prefill", 0, cache))
             # the last three tokens one by one, each attending over the cache
-            outs[absorbed] = torch.cat([m.hidden(ids[i:i + 1], i, cache, absorbed=absorbed)
+            outs[absorbed] = torch.cat([m.hidden(ids[i:i + 1], Step("decode", i, cache, absorbed))
                                         for i in range(len(PROMPT) - 3, len(PROMPT))])
     assert (outs[True] - outs[False]).abs().max().item() < 1e-5

@@ -6,6 +6,7 @@ import json
 import sys
 
 from hybrid.cli.engine_options import add_engine_options, load_engine
+from hybrid.core.sampling import SamplingParams
 
 
 def _ids(text: str) -> list[int]:
@@ -51,12 +52,13 @@ def _prompt_ids(a, tok, model_dir) -> list[int]:
 def cmd_generate(a) -> int:
     if a.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, seed=a.seed)   # checked before loading
     eng = load_engine(a)
     if not a.json:
         print(eng.plan.describe(), file=sys.stderr)
     tok = eng.tokenizer
-    ids = _prompt_ids(a, tok, eng.info["model_dir"])
-    new = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    ids = _prompt_ids(a, tok, eng.info.model_dir)
+    new = eng.generate(ids, a.max_new_tokens, sampling=sampling)
     text_out = tok.decode(new, skip_special=True) if tok is not None else None
     s = eng.stats()
     if a.json:

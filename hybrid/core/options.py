@@ -1,39 +1,84 @@
-"""RuntimeOptions: every knob of hybrid.load in one frozen dataclass, checked before any I/O."""
+"""RuntimeOptions: every knob of hybrid.load in one frozen dataclass, checked before any I/O.
+
+This is the one list: `hybrid.load(model_dir, **options)` takes exactly these keywords (its signature is
+built from the fields), and `hybrid generate` / `hybrid serve` get one flag per field (`--gpu-expert-budget`
+for gpu_expert_budget), with the help text, choices and type written here beside the field.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-EXPERT_FORMATS = ("int4", "fp8", "bf16")
+from quant.formats import FORMAT_NAMES
+
+EXPERT_FORMATS = FORMAT_NAMES
 EXPERT_CHOICES = ("auto", *EXPERT_FORMATS, "torch")
 PREFETCH_CHOICES = ("auto", "off", "static", "lru", "lfu", "router")
+ACTIVATION_CHOICES = ("auto", "float")
+
+
+def _opt(default, help: str, choices=None, cli_type=str):
+    """A field with what its command-line flag needs: help text, choices, the type argparse converts to."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": cli_type})
+
+
+def _size(text: str) -> int | str:
+    """A flag's size: plain digits become an int of bytes; '2GiB' or '25%' stay text for the parser."""
+    return int(text) if text.isdigit() else text
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    device: str = "auto"                  # auto | cpu | cuda[:N]
-    dtype: str = "auto"                   # device compute dtype; auto = bf16 on CUDA, f32 on CPU
-    experts: str = "auto"                 # routed-expert format on the CPU (auto = the checkpoint's own)
-    gpu_expert_budget: int | str = 0      # bytes, "2GiB", or a share of all routed experts, "25%"
-    prefetch: str = "auto"                # hot-set policy; auto = router when the budget is non-zero
-    placement: str | Path | None = None   # placement.json for prefetch="static" (hybrid profile writes one)
-    transfer_budget: int | str = "auto"   # bytes per token the hot set may copy; auto = 1/16 expert/layer
-    threads: int | None = None            # CPU threads (default: physical cores)
-    context: int | None = None            # tokens the placement reserves KV cache for (default <= 32768)
-    gpu_memory: int | str | None = None   # device bytes the plan may use (default: what is free)
-    activations: str = "auto"             # INT4 kernels: auto = int8 activations (VNNI, ~1e-2 of max|y|); float
+    device: str = _opt("auto", "auto | cpu | cuda[:N]: where attention, the router, the shared expert, dense "
+                                "layers, lm_head and the expert hot set run (auto: CUDA if present, else the CPU)")
+    dtype: str = _opt("auto", "device compute dtype: auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16")
+    experts: str = _opt("auto", "routed-expert format on the CPU (auto = the checkpoint's own: fp8 for the "
+                                "official release; torch = every expert dequantized on the device, the reference)",
+                        EXPERT_CHOICES)
+    gpu_expert_budget: int | str = _opt(0, "device hot-set size: bytes, e.g. 2GiB, or a share of all routed "
+                                           "experts, e.g. 25%% (0 = no hot set)", cli_type=_size)
+    prefetch: str = _opt("auto", "hot-set policy (auto = router when the budget is non-zero)", PREFETCH_CHOICES)
+    placement: str | Path | None = _opt(None, "placement.json for --prefetch static (hybrid profile writes one)",
+                                        cli_type=Path)
+    transfer_budget: int | str = _opt("auto", "bytes per token the hot set may copy to the device (auto: 1/16 "
+                                              "expert per layer)", cli_type=_size)
+    threads: int | None = _opt(None, "CPU threads for the expert kernels and host-side torch (default: physical "
+                                     "cores)", cli_type=int)
+    context: int | None = _opt(None, "tokens of KV cache the placement reserves (default: min(max_position_"
+                                     "embeddings, 32768))", cli_type=int)
+    gpu_memory: int | str | None = _opt(None, "device memory the placement may use, e.g. 20GiB (default: what "
+                                              "is free)", cli_type=_size)
+    activations: str = _opt("auto", "INT4 kernels: auto = int8 activations (VNNI dot products, ~1e-2 of max|y| "
+                                    "from exact, like llama.cpp's Q4_0 x Q8_0) | float (exact, slow)",
+                            ACTIVATION_CHOICES)
 
     def __post_init__(self):
-        if self.experts not in EXPERT_CHOICES:
-            raise ValueError(f"experts={self.experts!r} is not one of {', '.join(EXPERT_CHOICES)}")
-        if self.prefetch not in PREFETCH_CHOICES:
-            raise ValueError(f"prefetch={self.prefetch!r} is not one of {', '.join(PREFETCH_CHOICES)}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.prefetch == "static" and self.placement is None:
             raise ValueError("prefetch='static' needs a placement file (placement=..., --placement FILE); "
                              "`hybrid profile` writes one")
-        if self.activations not in ("auto", "float"):
-            raise ValueError(f"activations={self.activations!r}: use 'auto' (int8 activations for INT4) or 'float'")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive int, got {self.threads!r}")
-        if self.context is not None and (not isinstance(self.context, int) or self.context < 1):
-            raise ValueError(f"context must be a positive int, got {self.context!r}")
+        for name in ("threads", "context"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    @classmethod
+    def signature(cls) -> list[inspect.Parameter]:
+        """The keyword-only parameters of hybrid.load, one per field, with the field's default."""
+        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                  default=f.default if f.default is not MISSING else None, annotation=f.type)
+                for f in fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "RuntimeOptions":
+        """Build from hybrid.load's keywords; an unknown keyword is a TypeError listing the known ones."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(kwargs) - known)
+        if bad:
+            raise TypeError(f"hybrid.load() got unknown option(s) {', '.join(bad)}; options are "
+                            f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**kwargs)

@@ -4,10 +4,13 @@ The engine, the profiler's trace replay and the planner drive these same classes
 replay is the hit rate the engine would see.
 
 One call per layer per forward step:
-    d = policy.access(ids, phase)      # ids int [T, k] of this step's tokens (-1 = no expert)
+    d = policy.access(ids, phase)      # ids int [T, k] of this step's tokens (-1 = no expert); phase
+                                       # "prefill" or "decode", as the step says
     d.hits                             # bool [T, k]: the slot's expert was resident BEFORE this step
     d.load, d.evict                    # experts to copy to / drop from the device after this step
 The policy has already applied d.load / d.evict to `policy.resident`; the engine performs the copies.
+    policy.hint(predicted_ids)         # look-ahead predictions (used by router; a no-op for the others)
+    policy.end_request()               # per-request state starts over (router); residency stays
 
 Churn is bounded by a transfer budget in experts per token (the engine converts a bytes-per-token budget
 with the expert size): credit accrues with every token seen, up to `burst` experts, and each load spends one.
@@ -66,6 +69,10 @@ class HotSetPolicy:
 
     def end_request(self) -> None:
         """A request finished; per-request state (router policy) starts over. Residency stays."""
+
+    def hint(self, predicted_ids: np.ndarray) -> None:
+        """Look-ahead: experts this layer's router is expected to choose soon (an earlier layer's hidden
+        state through this layer's router). Policies that do not use predictions ignore them."""
 
     # ---- for subclasses -------------------------------------------------------------------------------
     def _observe(self, flat_ids: np.ndarray, n_tokens: int, phase: str) -> None:

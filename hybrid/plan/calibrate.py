@@ -118,8 +118,8 @@ def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str
               join_shape=None, log=print) -> Path:
     """Measure this machine and write the calibration JSON; returns its path. configs: ModelConfigs whose
     layers to time on the device (default: Kimi K2's)."""
-    from hybrid.runtime.loader import default_threads
-    threads = threads or default_threads()
+    from hybrid.runtime.device import resolve_threads
+    threads = resolve_threads(threads)
     path = Path(out) if out else default_path()
     log(f"calibrating {cpu_name()} with {threads} threads (pool {pool_gib} GiB per format; about a minute)")
     t0 = time.time()

@@ -22,7 +22,7 @@ def measure_device(device: str, dtype: str, total_gib: float | None = None, log=
     import torch
     import torch.nn.functional as F
 
-    from hybrid.runtime.loader import resolve_device, resolve_dtype
+    from hybrid.runtime.device import resolve_device, resolve_dtype
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     esize = torch.tensor([], dtype=dt).element_size()
@@ -119,7 +119,7 @@ def measure_modules(cfg, device: str, dtype: str, cache_tokens: int = 256, log=p
     from gpu_attn import MLA, MLP, RMSNorm, YarnRope
     from gpu_attn.rope import softmax_scale
 
-    from hybrid.runtime.loader import resolve_device, resolve_dtype
+    from hybrid.runtime.device import resolve_device, resolve_dtype
     from hybrid.plan.perf import ModelCost
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -198,7 +198,7 @@ def measure_join(device: str, dtype: str, threads: int, shape=None, rounds: int 
     from cpu_experts.measure import I as K2_I
     from gpu_attn import MLP
 
-    from hybrid.runtime.loader import resolve_device, resolve_dtype
+    from hybrid.runtime.device import resolve_device, resolve_dtype
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)

@@ -1,4 +1,4 @@
-"""Building the routed-expert backend from a checkpoint, the options and the placement plan.
+"""Building the routed-expert backend from the expert stores, the options and the placement plan.
 
     torch        -> TorchExperts: every expert dequantized on the device (the reference path)
     int4/fp8/bf16, no hot set -> CpuExperts over one LayerStore per MoE layer
@@ -10,13 +10,14 @@ import math
 
 import torch
 
+from gpu_attn import Router
 from hybrid.core.config import ModelConfig
-from hybrid.runtime.experts import CpuExperts, TorchExperts
-from hybrid.runtime.hotset import HybridExperts
 from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan, parse_size
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, make_policy
 from hybrid.core.weights import expert_names, expert_shapes
+from hybrid.runtime.experts import CpuExperts, ExpertBackend, TorchExperts
+from hybrid.runtime.hotset import HybridExperts
 
 
 def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype, stores=None) -> TorchExperts:
@@ -48,22 +49,24 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
             for layer in cfg.moe_layers}
 
 
-def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan, model,
-                      dev: torch.device, dt: torch.dtype, threads: int, placement: dict | None = None):
-    """placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others."""
+def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan,
+                      routers: dict[int, Router], dev: torch.device, dt: torch.dtype, threads: int,
+                      placement: dict | None = None) -> ExpertBackend:
+    """CPU kernels over `stores`, with a hot set in front when the plan has room for one.
+
+    placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others.
+    routers: the model's routers (look-ahead hints for the router policy)."""
     from cpu_experts import CpuMoE
     cpu = CpuExperts(CpuMoE(stores, threads=threads, activations=opts.activations))
-    policy_name = opts.prefetch if opts.prefetch not in ("auto",) else "router"
     if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
         return cpu
+    policy_name = "router" if opts.prefetch == "auto" else opts.prefetch
     per_token = _loads_per_token(opts.transfer_budget, plan)
     placement = placement if policy_name == "static" and placement else {}
-    policies = {}
-    for L in cfg.moe_layers:
-        resident = placement.get(L, [])[: plan.experts_per_layer]
-        cap = plan.experts_per_layer
-        policies[L] = make_policy(policy_name, cfg.n_routed_experts, cap, per_token, resident)
-    return HybridExperts(cpu, stores, policies, dev, dt, _lookahead(cfg, model))
+    cap = plan.experts_per_layer
+    policies = {L: make_policy(policy_name, cfg.n_routed_experts, cap, per_token, placement.get(L, [])[:cap])
+                for L in cfg.moe_layers}
+    return HybridExperts(cpu, stores, policies, dev, dt, routers)
 
 
 def _loads_per_token(budget, plan: PlacementPlan) -> float:
@@ -73,10 +76,3 @@ def _loads_per_token(budget, plan: PlacementPlan) -> float:
     b = parse_size(budget)
     per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
     return b / per_copy if per_copy else math.inf
-
-
-def _lookahead(cfg: ModelConfig, model) -> dict:
-    """Layer L's MoE input goes through the routers of the next two MoE layers (look-ahead gating)."""
-    moe = cfg.moe_layers
-    routers = {L: model.model.layers[L].mlp.gate for L in moe}
-    return {L: [(t, routers[t]) for t in moe[i + 1:i + 3]] for i, L in enumerate(moe)}

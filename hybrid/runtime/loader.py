@@ -1,100 +1,97 @@
-"""hybrid.load: a model folder -> a ready Engine.
+"""hybrid.load: a model folder -> a ready Engine, in named steps.
 
-Steps: check the options -> read config.json -> plan the placement -> open the checkpoint lazily and check
-its tensor names against the config -> build the modules on the meta device -> fill them tensor by tensor
-(dequantizing block-FP8) on the device -> build the routed-expert backend (hybrid/backends.py) ->
-tokenizer if present.
+    resolve_source   the folder, config.json, a converted store's manifest, the expert format, device,
+                     dtype and threads                                                   -> Source
+    plan_for         the placement: dense weights + KV cache + hot set on the device, the store in host RAM
+    (checkpoint)     opened lazily; tensor names checked against the config
+    build_backend    routed experts: the CPU kernels over the stores (+ a hot set), or the torch reference
+    build_model      modules on the meta device (given the routers and the backend), filled tensor by tensor
+    Engine           model + backend + tokenizer (if present)
 """
 from __future__ import annotations
 
-import os
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpu_attn import YarnRope
-from quant.checkpoint import Checkpoint
-from quant.errors import CheckpointError
-
 from hybrid.core.config import ModelConfig
-from hybrid.runtime.engine import Engine
-from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
-from hybrid.runtime.model import K2Model, set_tensor
-from hybrid.runtime.moe import MoE
 from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
+from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
+from hybrid.runtime.device import resolve_device, resolve_dtype, resolve_threads
+from hybrid.runtime.engine import Engine, LoadInfo
+from hybrid.runtime.experts import ExpertBackend
+from hybrid.runtime.model import K2Model, build_routers, set_tensor
+from hybrid.runtime.moe import RouteListeners
+from quant.checkpoint import Checkpoint
+from quant.errors import CheckpointError
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {str(device)!r} is not a device name; use 'auto', 'cpu' or 'cuda[:N]'") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; "
-                         f"use device='cpu' (or 'auto')")
-    if d.type not in ("cuda", "cpu"):
-        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
-    return d
+@dataclass(frozen=True)
+class Source:
+    """A model folder, resolved: what it holds and how this run will use it."""
+    model_dir: Path
+    cfg: ModelConfig
+    manifest: dict | None        # a converted store's manifest; None for an HF checkpoint
+    experts: str                 # the routed-expert format this run uses (int4 | fp8 | bf16 | torch)
+    device: torch.device
+    dtype: torch.dtype
+    threads: int
+
+    @property
+    def group_size(self) -> int:
+        return self.manifest["group_size"] if self.manifest else 32
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in table:
-        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto', 'float32' or 'bfloat16'")
-    return table[dtype]
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-        n = psutil.cpu_count(logical=False)
-    except ImportError:
-        n = None
-    return n or os.cpu_count() or 1
-
-
-def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", gpu_expert_budget=0,
-         prefetch: str = "auto", threads: int | None = None, dtype: str = "auto", placement=None,
-         transfer_budget="auto", context: int | None = None, gpu_memory=None, activations: str = "auto") -> Engine:
+def load(model_dir: str | Path, **options) -> Engine:
     """Load a K2 / DeepSeek-V3 model folder and return an Engine.
 
     Args:
-        model_dir: an HF checkpoint folder (config.json, safetensors shards; BF16 or block-FP8).
-        device: "auto" (CUDA if present, else CPU), "cpu" or "cuda[:N]": where attention, router, shared
-            expert, dense layers, lm_head and the expert hot set run.
-        experts: routed-expert format on the CPU: "int4", "fp8", "bf16", or "auto" (the checkpoint's own:
-            fp8 for a block-FP8 release, bf16 otherwise); "torch" runs them all as dequantized torch
-            weights on the device (the reference path).
-        gpu_expert_budget: device hot-set size: bytes (int or "2GiB") or a share of all routed experts
-            ("25%"); 0 = no hot set.
-        prefetch: hot-set policy: "router" (default when the budget is non-zero), "lru", "lfu", "static"
-            (with placement=), or "off".
-        threads: CPU threads for expert kernels and host-side torch (default: physical cores).
-        dtype: device compute dtype; "auto" = bfloat16 on CUDA, float32 on CPU.
-        placement: placement.json (from `hybrid profile`) for prefetch="static".
-        transfer_budget: bytes per token the hot set may copy to the device ("auto": 1/16 expert per layer).
-        context: tokens of KV cache the placement reserves (default min(max_position_embeddings, 32768)).
-        gpu_memory: device bytes the placement may use (default: what the device has free).
-        activations: INT4 kernels quantize each token's activations to int8 ("auto": VNNI dot products,
-            about 1e-2 of max|y| from exact, like llama.cpp's Q4_0 x Q8_0) or keep float32 ("float": exact).
+        model_dir: an HF checkpoint folder (config.json, safetensors shards; BF16 or block-FP8) or a store
+            converted by `hybrid-quant convert`.
+        **options: the fields of hybrid.core.options.RuntimeOptions, each documented there (device, dtype,
+            experts, gpu_expert_budget, prefetch, placement, transfer_budget, threads, context, gpu_memory,
+            activations); `hybrid generate --help` prints the same list.
     Returns:
         Engine with forward(ids), generate(ids, ...), stats(); engine.plan is the PlacementPlan.
     Example:
         >>> eng = hybrid.load("tiny-k2", device="cpu", gpu_expert_budget="25%")
         >>> eng.generate([1, 2, 3], max_new_tokens=8)
     """
-    opts = RuntimeOptions(device=device, dtype=dtype, experts=experts, gpu_expert_budget=gpu_expert_budget,
-                          prefetch=prefetch, placement=placement, transfer_budget=transfer_budget,
-                          threads=threads, context=context, gpu_memory=gpu_memory, activations=activations)
+    return load_with(model_dir, RuntimeOptions.from_kwargs(options))
+
+
+load.__signature__ = inspect.Signature(
+    [inspect.Parameter("model_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str | Path"),
+     *RuntimeOptions.signature()], return_annotation="Engine")
+
+
+def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
+    """hybrid.load with the options already checked (the CLI builds them from its flags)."""
+    src = resolve_source(model_dir, opts)
+    torch.set_num_threads(src.threads)
+    placement = None
+    if opts.prefetch == "static":
+        from hybrid.core.placement_file import read_placement
+        placement = read_placement(opts.placement, expect=src.cfg)   # read once: sizes the plan, seeds the set
+    plan = plan_for(src, opts, placement)
+    routes = RouteListeners()
+    with Checkpoint.open(src.model_dir) as ckpt:
+        check_checkpoint(src.cfg, ckpt, experts_in_checkpoint=src.manifest is None)
+        with torch.device("meta"):
+            routers = build_routers(src.cfg)
+        backend = build_backend(src, opts, plan, ckpt, routers, placement)
+        model = build_model(src, ckpt, routers, backend, routes)
+    info = LoadInfo(src.model_dir, src.experts, src.threads, plan)
+    return Engine(src.cfg, model, backend, _tokenizer(src.model_dir), src.device, src.dtype, info, routes)
+
+
+def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:
+    """Check the folder and read what it holds; decide the expert format, device, dtype and threads."""
     model_dir = Path(model_dir)
     if model_dir.is_file():
         raise FileNotFoundError(f"{model_dir} is a file; pass the model folder that holds it")
@@ -103,10 +100,7 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
                                 f"`hybrid make-tiny --out {model_dir}` or point at an HF checkpoint folder")
     cfg = ModelConfig.from_file(model_dir)
     dev = resolve_device(opts.device)
-    dt = resolve_dtype(opts.dtype, dev)
-    n_threads = opts.threads or default_threads()
-    torch.set_num_threads(n_threads)
-    manifest = store_manifest(model_dir)              # a converted store, or None for an HF checkpoint
+    manifest = store_manifest(model_dir)
     own = manifest["expert_format"] if manifest else ("fp8" if cfg.is_fp8_checkpoint else "bf16")
     fmt = own if opts.experts == "auto" else opts.experts
     if manifest and fmt not in (own, "torch"):
@@ -115,32 +109,13 @@ def load(model_dir: str | Path, *, device: str = "auto", experts: str = "auto", 
     if manifest and manifest.get("moe_layers") != cfg.moe_layers:
         raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
                          f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
-    placement = None
-    if opts.prefetch == "static":
-        from hybrid.core.placement_file import read_placement
-        placement = read_placement(opts.placement, expect=cfg)      # read once: sizes the plan, seeds the set
-    plan = _plan(cfg, opts, dev, dt, fmt, mmap=manifest is not None,
-                 group_size=manifest["group_size"] if manifest else 32, placement=placement)
-    with Checkpoint.open(model_dir) as ckpt:
-        _check_names(cfg, ckpt, experts_in_checkpoint=manifest is None)
-        model = _build_model(cfg, ckpt, dev, dt)
-        stores = open_stores(model_dir, cfg) if manifest else None
-        if fmt == "torch":
-            backend = build_torch_experts(cfg, ckpt, dev, dt, stores)
-        else:
-            backend = build_cpu_backend(cfg, stores or build_stores(cfg, ckpt, fmt), opts, plan, model, dev, dt,
-                                        n_threads, placement)
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, MoE):
-            layer.mlp.experts = backend
-    info = {"experts": fmt, "experts_tier": "device" if fmt == "torch" else "cpu", "threads": n_threads,
-            "model_dir": str(model_dir), "plan": plan}
-    return Engine(cfg, model, backend, _tokenizer(model_dir), dev, dt, info)
+    return Source(model_dir, cfg, manifest, fmt, dev, resolve_dtype(opts.dtype, dev), resolve_threads(opts.threads))
 
 
-def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.dtype, fmt: str,
-          mmap: bool = False, group_size: int = 32, placement: dict | None = None) -> PlacementPlan:
+def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -> PlacementPlan:
+    """The placement for this machine: device memory from gpu_memory, CUDA's free memory, or host RAM."""
     import psutil
+    cfg, dev = src.cfg, src.device
     host = psutil.virtual_memory().available
     if opts.gpu_memory is not None:
         dev_mem = parse_size(opts.gpu_memory)
@@ -153,11 +128,22 @@ def _plan(cfg: ModelConfig, opts: RuntimeOptions, dev: torch.device, dt: torch.d
         most = max((len(v) for v in placement.values()), default=0)
         budget = f"{100 * most / cfg.n_routed_experts}%"
     context = opts.context or min(cfg.max_position_embeddings, 32768)
-    return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=dt).element_size(),
-                          expert_format="bf16" if fmt == "torch" else fmt, context=context,
+    torch_ref = src.experts == "torch"
+    return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=src.dtype).element_size(),
+                          expert_format="bf16" if torch_ref else src.experts, context=context,
                           device_memory=dev_mem, host_memory=host,
-                          gpu_expert_budget=0 if fmt == "torch" or opts.prefetch == "off" else budget, mmap=mmap,
-                          group_size=group_size)
+                          gpu_expert_budget=0 if torch_ref or opts.prefetch == "off" else budget,
+                          mmap=src.manifest is not None, group_size=src.group_size)
+
+
+def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, ckpt: Checkpoint, routers: dict,
+                  placement: dict | None) -> ExpertBackend:
+    """The routed-expert backend: the store's memory-mapped layers, or layers converted from the checkpoint."""
+    stores = open_stores(src.model_dir, src.cfg) if src.manifest else None
+    if src.experts == "torch":
+        return build_torch_experts(src.cfg, ckpt, src.device, src.dtype, stores)
+    stores = stores or build_stores(src.cfg, ckpt, src.experts)
+    return build_cpu_backend(src.cfg, stores, opts, plan, routers, src.device, src.dtype, src.threads, placement)
 
 
 def store_manifest(model_dir: Path) -> dict | None:
@@ -188,10 +174,18 @@ def open_stores(model_dir: Path, cfg: ModelConfig) -> dict:
     return stores
 
 
-def _check_names(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool = True) -> None:
-    expected = set(dense_tensors(cfg))
+def check_checkpoint(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool = True) -> None:
+    """Every tensor the config implies is there with its shape, and nothing else is (before any weight is read).
+    Errors name the file and the first tensor in checkpoint order."""
+    expected = dict(dense_tensors(cfg))
     for layer in cfg.moe_layers if experts_in_checkpoint else ():
         expected.update(expert_tensors(cfg, layer))
+    _check_names(cfg, ckpt, set(expected))
+    for name, spec in expected.items():
+        ckpt.check_shape(name, spec.shape)
+
+
+def _check_names(cfg: ModelConfig, ckpt: Checkpoint, expected: set[str]) -> None:
     present = set(ckpt.names)
     missing = sorted(expected - present)
     if missing:
@@ -206,13 +200,17 @@ def _check_names(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool
             f"describes ({len(unexpected)} such tensors); config.json does not match the weights")
 
 
-def _build_model(cfg: ModelConfig, ckpt: Checkpoint, dev: torch.device, dt: torch.dtype) -> K2Model:
+def build_model(src: Source, ckpt: Checkpoint, routers: dict, backend: ExpertBackend,
+                routes: RouteListeners) -> K2Model:
+    """The torch model on the meta device, then filled tensor by tensor (block-FP8 dequantized) on the device.
+    The routers given are the model's own (the backend's look-ahead holds them too), filled here."""
+    cfg, dev, dt = src.cfg, src.device, src.dtype
     r = cfg.rope
     rope = YarnRope(cfg.qk_rope_head_dim, r.theta, r.type, r.factor, r.original_max_position_embeddings,
                     r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim,
                     max_positions=min(cfg.max_position_embeddings, 8192), device=dev)
     with torch.device("meta"):
-        model = K2Model(cfg, rope)
+        model = K2Model(cfg, rope, routers, backend, routes)
     for name, spec in dense_tensors(cfg).items():
         want = torch.float32 if name.endswith(FP32_SUFFIXES) else dt
         set_tensor(model, name, ckpt.get(name, dtype=want, expect_shape=spec.shape).to(dev))
