@@ -59,16 +59,29 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, hidden, bias=False)
 
-    def _query(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, H] at positions pos [T] -> (q_nope [T, nh, dn], roped q_pe [T, nh, dr]). max_pos: a bound on
+        pos known to the caller (saves a device sync)."""
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_compressed else self.q_proj(x)
         q = q.view(x.shape[0], self.nh, self.dn + self.dr)
-        return q[..., : self.dn], self.rope.apply(q[..., self.dn:], pos)          # [T,nh,dn], [T,nh,dr]
+        return q[..., : self.dn], self.rope.apply(q[..., self.dn:], pos, max_pos)
 
-    def compress(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def compress(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """[T, H] -> cache rows [T, r + dr]: normed c_kv | roped k_pe."""
         ckv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(ckv[:, : self.r])
-        return torch.cat([c, self.rope.apply(ckv[:, self.r:], pos)], dim=-1)
+        return torch.cat([c, self.rope.apply(ckv[:, self.r:], pos, max_pos)], dim=-1)
+
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               absorbed: bool) -> torch.Tensor:
+        """Queries at positions pos [T] over cache rows [S, r + dr] of positions 0..S-1, causal -> [T, nh * dv]
+        (before o_proj). A single query sees every row (it is the newest token)."""
+        T, S = q_nope.shape[0], rows.shape[0]
+        mask = None
+        if T > 1:   # causal over absolute positions
+            mask = torch.arange(S, device=rows.device)[None, :] <= pos[:, None]               # [T, S]
+        o = (self._absorbed if absorbed else self._expanded)(q_nope, q_pe, rows, mask)     # [T, nh, dv]
+        return o.reshape(T, self.nh * self.dv)
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: torch.Tensor | None = None,
                 absorbed: bool = False) -> torch.Tensor:
@@ -79,20 +92,14 @@ class MLA(nn.Module):
         """
         T = x.shape[0]
         pos = torch.arange(start, start + T, device=x.device)
-        q_nope, q_pe = self._query(x, pos)
-        rows = self.compress(x, pos)
+        q_nope, q_pe = self.query(x, pos, start + T - 1)
+        rows = self.compress(x, pos, start + T - 1)
         if cache is not None:
             cache[start:start + T] = rows.to(cache.dtype)
             rows = cache[: start + T].to(x.dtype)
         elif start:
             raise ValueError("MLA.forward: start > 0 needs the cache holding the earlier tokens")
-        S = rows.shape[0]
-        mask = None
-        if T > 1:   # causal over absolute positions; a single new token sees everything cached
-            mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]               # [T, S]
-        attend = self._absorbed if absorbed else self._expanded
-        o = attend(q_nope, q_pe, rows, mask)                                              # [T, nh, dv]
-        return self.o_proj(o.reshape(T, self.nh * self.dv))
+        return self.o_proj(self.attend(q_nope, q_pe, rows, pos, absorbed))
 
     def _expanded(self, q_nope, q_pe, rows, mask):
         S = rows.shape[0]

@@ -72,14 +72,16 @@ class YarnRope:
         self._cos = (freqs.cos() * self.attn_factor).to(self.device)
         self._sin = (freqs.sin() * self.attn_factor).to(self.device)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """x [..., T, (heads,) dim] with T matching positions [T] -> same shape, pairs rotated.
 
         The rotary axis is the last one; positions index the token axis, which must be dim -2 (single
-        head, [T, dim]) or -3 ([T, heads, dim]).
+        head, [T, dim]) or -3 ([T, heads, dim]). max_pos: a bound on positions the caller knows (no device
+        sync to find it); the tables grow to cover it.
         """
-        if int(positions.max()) >= self._cos.shape[0]:
-            self._grow(max(int(positions.max()) + 1, 2 * self._cos.shape[0]))
+        top = int(positions.max()) if max_pos is None else max_pos
+        if top >= self._cos.shape[0]:
+            self._grow(max(top + 1, 2 * self._cos.shape[0]))
         cos = self._cos[positions].to(x.dtype)
         sin = self._sin[positions].to(x.dtype)
         if x.dim() == 3:   # [T, heads, dim]

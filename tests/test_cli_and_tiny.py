@@ -53,7 +53,8 @@ def test_generate_json(tiny_models):
     out = json.loads(r.stdout)
     assert len(out["tokens"]) == 5 and isinstance(out["text"], str)
     s = out["stats"]
-    assert s["decode_tokens"] == 5 and s["prefill_tokens"] == 3
+    # the first new token comes from the prefill step; decode steps produce the other 4
+    assert s["generated_tokens"] == 5 and s["decode_tokens"] == 4 and s["prefill_tokens"] == 3
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
     act = s["expert_activations"]
     # 2 MoE layers x top-4, for 3 prompt tokens and 4 decode steps (the 5th token needs no forward)

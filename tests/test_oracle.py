@@ -42,18 +42,22 @@ def test_cached_decode_equals_recomputation(tiny_models):
 
 
 def test_absorbed_decode_equals_prefill_form(tiny_models):
-    from gpu_attn import MLACache
-    from hybrid.runtime.model import Step
+    """The last three tokens one by one over the paged cache, in MLA's absorbed form and in the expanded one."""
+    from hybrid.runtime.batch import build_batch
+    from hybrid.runtime.scheduler import Sequence
     eng = hybrid.load(tiny_models("v3", "bf16"), device="cpu", experts="torch")
-    cfg, m = eng.cfg, eng.model
-    ids = torch.tensor(PROMPT)
+    bs = eng.blocks.block_size
+    outs = {}
     with torch.inference_mode():
-        outs = {}
         for absorbed in (False, True):
-            cache = MLACache(cfg.num_hidden_layers, len(PROMPT), cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                             torch.float32, "cpu")
-            m.hidden(ids[:-3], Step("prefill", 0, cache))
-            # the last three tokens one by one, each attending over the cache
-            outs[absorbed] = torch.cat([m.hidden(ids[i:i + 1], Step("decode", i, cache, absorbed))
-                                        for i in range(len(PROMPT) - 3, len(PROMPT))])
+            seq = Sequence(0, len(PROMPT), list(PROMPT), len(PROMPT))
+            assert eng.blocks.grow(seq.table, len(PROMPT))
+            eng.model.hidden(build_batch([(seq, len(PROMPT) - 3)], bs, eng.device), eng.kv)
+            seq.n_computed = len(PROMPT) - 3
+            steps = []
+            for _ in range(3):
+                steps.append(eng.model.hidden(build_batch([(seq, 1)], bs, eng.device, absorbed=absorbed), eng.kv))
+                seq.n_computed += 1
+            outs[absorbed] = torch.cat(steps)
+            eng.blocks.release(seq.table)
     assert (outs[True] - outs[False]).abs().max().item() < 1e-5

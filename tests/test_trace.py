@@ -20,12 +20,12 @@ def test_recorded_trace_equals_the_engines_routing(engine, tmp_path):
     seen = []            # an independent listener: what the engine routed, call by call
     remove = engine.add_route_listener(lambda layer, ids, w, phase: seen.append((layer, ids.clone(), w.clone(), phase)))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 301, 302]]
-    engine.prefill_chunk = 4            # two prefill steps for the first prompt
+    engine.scheduler.max_batch_tokens = 4       # two prefill steps for the first prompt
     try:
         trace = record(engine, prompts, max_new_tokens=4)
     finally:
         remove()
-        engine.prefill_chunk = 512
+        engine.scheduler.max_batch_tokens = 512
     back = read_trace(write_trace(trace, tmp_path / "t.npz"), expect=engine.cfg)
 
     moe = engine.cfg.moe_layers

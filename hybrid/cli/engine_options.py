@@ -13,7 +13,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     for f in fields(RuntimeOptions):
         m = f.metadata
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=m["type"],
-                       choices=m["choices"], help=m["help"])
+                       choices=m["choices"], help=m["help"], metavar=m["metavar"])
 
 
 def runtime_options(a: argparse.Namespace) -> RuntimeOptions:

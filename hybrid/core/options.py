@@ -18,9 +18,15 @@ PREFETCH_CHOICES = ("auto", "off", "static", "lru", "lfu", "router")
 ACTIVATION_CHOICES = ("auto", "float")
 
 
-def _opt(default, help: str, choices=None, cli_type=str):
+def _opt(default, help: str, choices=None, cli_type=str, metavar=None):
     """A field with what its command-line flag needs: help text, choices, the type argparse converts to."""
-    return field(default=default, metadata={"help": help, "choices": choices, "type": cli_type})
+    return field(default=default, metadata={"help": help, "choices": choices, "type": cli_type, "metavar": metavar})
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(f"write on or off, not {text!r}")
+    return text == "on"
 
 
 def _size(text: str) -> int | str:
@@ -52,6 +58,14 @@ class RuntimeOptions:
     activations: str = _opt("auto", "INT4 kernels: auto = int8 activations (VNNI dot products, ~1e-2 of max|y| "
                                     "from exact, like llama.cpp's Q4_0 x Q8_0) | float (exact, slow)",
                             ACTIVATION_CHOICES)
+    max_batch: int = _opt(8, "sequences one forward step may carry: decode tokens of running requests plus prompt "
+                             "chunks of new ones", cli_type=int)
+    max_batch_tokens: int = _opt(512, "tokens per forward step; a longer prompt is prefilled in chunks of this "
+                                      "many tokens, so it never stalls running requests", cli_type=int)
+    kv_block_size: int = _opt(32, "tokens per block of the paged KV cache (the unit of prefix reuse)", cli_type=int)
+    prefix_cache: bool = _opt(True, "on | off: reuse the KV blocks of prompt prefixes already computed (a "
+                                    "conversation resent each turn prefills only its new tail)",
+                              cli_type=_on_off, metavar="on|off")
 
     def __post_init__(self):
         for f in fields(self):
@@ -61,10 +75,13 @@ class RuntimeOptions:
         if self.prefetch == "static" and self.placement is None:
             raise ValueError("prefetch='static' needs a placement file (placement=..., --placement FILE); "
                              "`hybrid profile` writes one")
-        for name in ("threads", "context"):
+        for name in ("threads", "context", "max_batch", "max_batch_tokens", "kv_block_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False (on/off on the command line), "
+                             f"got {self.prefix_cache!r}")
 
     @classmethod
     def signature(cls) -> list[inspect.Parameter]:

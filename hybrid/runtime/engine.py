@@ -1,34 +1,45 @@
-"""The engine: forward, generate and stats over an assembled model.
+"""The engine: requests in, batched forward steps, tokens out.
 
-One decode step (where each tensor lives; "device" is CUDA, or the CPU standing in for it):
-    ids (host) -> embed (device) -> for each layer:
-        RMSNorm -> MLA over the compressed cache (device; absorbed form, 576 values/token/layer for K2)
-        -> +residual -> RMSNorm -> h (device)
+One step (where each tensor lives; "device" is CUDA, or the CPU standing in for it):
+    scheduler (host): running sequences' next tokens + prompt chunks of admitted ones -> Batch
+    ids (host -> device) -> embed -> for each layer:
+        RMSNorm -> MLA: q and this step's cache rows for every token; the rows go into each sequence's
+                   blocks of the paged compressed cache (576 values/token/layer for K2); every sequence
+                   attends over its own rows (absorbed form for one new token, expanded for a chunk)
+        -> +residual -> RMSNorm -> h [T, H] (device)
         dense layer: SwiGLU MLP(h) on the device
         MoE layer:   router(h) on the device -> top-k ids + weights (scaled by routed_scaling_factor)
-                     submit routed experts: h, ids, weights copied to host -> CPU kernels (background)
+                     submit routed experts for ALL the step's tokens: h, ids, weights copied to host -> CPU
+                     kernels (background; each chosen expert read once for every token that chose it)
                      meanwhile the shared expert runs on the device
                      wait -> routed sum copied back to the device -> + shared -> +residual
-    -> final RMSNorm -> lm_head (device) -> logits float32 -> Sampler (host)
-Prefill runs the same layers on chunks of the prompt with MLA's expanded form, writing the cache.
+    -> final RMSNorm -> lm_head on the last row of each sequence whose tokens are all computed
+    -> logits float32 -> each request's Sampler (host) -> its callback; finished sequences free their blocks
+A request alone is the same path with a batch of one.
+
+    eng.generate(ids, 16)                              # one request, blocking
+    eng.generate_many([Request(ids_a, 16), Request(ids_b, 32)])   # several at once, batched
+    seq = eng.submit(Request(...)); while eng.busy: eng.step()    # the server's loop
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from gpu_attn import MLACache
 from hybrid.core.config import ModelConfig
 from hybrid.core.placement import PlacementPlan
 from hybrid.core.sampling import SamplingParams
+from hybrid.runtime.batch import KVPool, build_batch
+from hybrid.runtime.blocks import BlockManager
 from hybrid.runtime.experts import ExpertBackend
-from hybrid.runtime.model import K2Model, Step
+from hybrid.runtime.model import K2Model
 from hybrid.runtime.moe import RouteListeners, RouteObserver
 from hybrid.runtime.sampler import LogitsProcessor, Sampler, TokenSample
+from hybrid.runtime.scheduler import FINISHED, Scheduler, Sequence
 
 
 @dataclass(frozen=True)
@@ -40,40 +51,69 @@ class LoadInfo:
     plan: PlacementPlan
 
 
+@dataclass(frozen=True)
+class BatchConfig:
+    """How many sequences and tokens a step may carry, and how the KV cache is cut."""
+    max_batch: int = 8                # sequences per step
+    max_batch_tokens: int = 512       # tokens per step (decode tokens + prompt chunks): the prefill chunk
+    block_size: int = 32              # tokens per KV block
+    n_blocks: int = 1024              # blocks in the pool (the plan's context / block_size)
+    prefix_cache: bool = True
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation. on_sample(TokenSample) returning False ends it after that token (a client left, a
+    stop string matched). stop_ids None = the engine's default stop ids."""
+    ids: Seq[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_ids: Seq[int] | None = None
+    processors: tuple[LogitsProcessor, ...] = ()
+    on_sample: Callable[[TokenSample], bool | None] | None = None
+
+
+@dataclass
+class _Active:
+    """The engine's part of a running sequence."""
+    request: Request
+    sampler: Sampler
+    stop: frozenset[int]
+    finish_reason: str | None = None      # "stop" | "length" | "cancelled"
+
+
 @dataclass
 class PhaseTimes:
+    """Steps are timed whole: a step with any prompt tokens counts as prefill, one of only new tokens as
+    decode. prefill_tokens = prompt tokens computed; decode_tokens = tokens sampled in decode steps (each
+    request's first token comes from its last prefill step)."""
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    generated_tokens: int = 0
+    steps: int = 0
 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, model: K2Model, experts: ExpertBackend, tokenizer, device: torch.device,
-                 dtype: torch.dtype, info: LoadInfo, routes: RouteListeners, prefill_chunk: int = 512):
+                 dtype: torch.dtype, info: LoadInfo, routes: RouteListeners, batching: BatchConfig = BatchConfig()):
         """model was built with `experts` as its backend and `routes` as its routing observer."""
         self.cfg, self.model, self.experts, self.tokenizer = cfg, model, experts, tokenizer
-        self.device, self.dtype, self.info = device, dtype, info
-        self.routes = routes
-        self.prefill_chunk = prefill_chunk
+        self.device, self.dtype, self.info, self.routes, self.batching = device, dtype, info, routes, batching
+        self.kv = KVPool(cfg.num_hidden_layers, batching.n_blocks, batching.block_size, cfg.kv_cache_dim, dtype, device)
+        self.blocks = BlockManager(batching.n_blocks, batching.block_size, batching.prefix_cache)
+        self.scheduler = Scheduler(self.blocks, batching.max_batch, batching.max_batch_tokens)
+        self._next_id = 0
         self.reset_stats()
 
-    # ---- public ----------------------------------------------------------------------------------
-    def forward(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Logits [len(ids), vocab] float32 (on the host) of a fresh sequence, prefill form, no cache."""
-        x = self._check_ids(ids, 0)
-        try:
-            with torch.inference_mode():
-                return self.model.logits(self.model.hidden(x, Step("prefill"))).cpu()
-        finally:
-            self.experts.end_request()
-
-    def generate(self, ids: Sequence[int] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
+    # ---- requests ---------------------------------------------------------------------------------------
+    def generate(self, ids: Seq[int] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_ids: Seq[int] | None = None,
                  on_token: Callable[[int], bool | None] | None = None, *, sampling: SamplingParams | None = None,
-                 processors: Sequence[LogitsProcessor] = (),
+                 processors: Seq[LogitsProcessor] = (),
                  on_sample: Callable[[TokenSample], bool | None] | None = None) -> list[int]:
-        """New token ids (the prompt excluded), decoded with the compressed KV cache.
+        """New token ids (the prompt excluded) of one request.
 
         Sampling: `sampling` (SamplingParams: penalties, logprobs, ...) or the temperature/top_p/seed
         shorthand; `processors` change the logits before each choice (e.g. a grammar mask).
@@ -81,27 +121,90 @@ class Engine:
         present, its stop tokens such as <|im_end|>; a stop id is included in the result), or when
         on_token(token) or on_sample(TokenSample) returns False (that token is included).
         """
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        sampler = Sampler(sampling or SamplingParams(temperature=temperature, top_p=top_p, seed=seed), processors)
-        x = self._check_ids(ids, max_new_tokens)
-        stop = set(self.default_stop_ids() if stop_ids is None else stop_ids)
-
         def emit(s: TokenSample) -> bool:
-            keep = (on_token is None or on_token(s.token) is not False)
+            keep = on_token is None or on_token(s.token) is not False
             return (on_sample is None or on_sample(s) is not False) and keep
+        req = Request(_as_list(ids), max_new_tokens, sampling or SamplingParams(temperature, top_p, seed),
+                      stop_ids, tuple(processors), emit)
+        return self.generate_many([req])[0]
 
-        cache = MLACache(self.cfg.num_hidden_layers, len(x) + max_new_tokens, self.cfg.kv_lora_rank,
-                         self.cfg.qk_rope_head_dim, self.dtype, self.device)
-        out: list[int] = []
+    def generate_many(self, requests: Seq[Request]) -> list[list[int]]:
+        """Run several requests together (continuous batching); their new token ids, in order."""
+        seqs = [self.submit(r) for r in requests]
         try:
-            with torch.inference_mode():
-                logits = self._prefill(x, cache)
-                self._decode(logits, len(x), cache, sampler, max_new_tokens, stop, emit, out)
+            while any(s.status != FINISHED for s in seqs):
+                self.step()
         finally:
-            self.experts.end_request()      # per-request policy state must not leak into the next request
-        return out
+            for s in seqs:
+                if s.status != FINISHED:       # an error in a step: free what they hold
+                    self.cancel(s)
+            self.scheduler.drop_cancelled()
+        return [s.tokens[s.prompt_len:] for s in seqs]
 
+    def submit(self, request: Request) -> Sequence:
+        """Queue a request; step() runs it. Checked now: ids, lengths, sampling (errors name the value)."""
+        ids = self._check_ids(request.ids, request.max_new_tokens).tolist()
+        stop = frozenset(self.default_stop_ids() if request.stop_ids is None else request.stop_ids)
+        act = _Active(request, Sampler(request.sampling, request.processors), stop)
+        seq = Sequence(self._next_id, len(ids), ids, len(ids) + request.max_new_tokens, act)
+        self._next_id += 1
+        if request.max_new_tokens == 0:
+            seq.status, act.finish_reason = FINISHED, "length"
+            return seq
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End a request at the next step (its blocks are freed then)."""
+        if seq.status != FINISHED:
+            self.scheduler.cancel(seq)
+            seq.payload.finish_reason = "cancelled"
+
+    @property
+    def busy(self) -> bool:
+        return not self.scheduler.idle
+
+    def step(self) -> list[Sequence]:
+        """One forward step over what the scheduler picks; returns the sequences that finished in it."""
+        work = self.scheduler.schedule()
+        if not work:
+            self._idle()
+            return []
+        t0 = time.perf_counter()
+        batch = build_batch(work, self.blocks.block_size, self.device)
+        with torch.inference_mode():
+            h = self.model.hidden(batch, self.kv)
+            ready = [(seq, seg) for (seq, n), seg in zip(work, batch.segments) if seq.to_compute == n]
+            rows = torch.tensor([seg.start + seg.length - 1 for _, seg in ready], dtype=torch.long, device=self.device)
+            logits = self.model.logits(h.index_select(0, rows)).cpu() if ready else None
+        prompt = sum(max(0, min(seq.n_computed + n, seq.prompt_len) - seq.n_computed) for seq, n in work)
+        for seq, n in work:
+            self.scheduler.computed(seq, n)
+        done = [seq for i, (seq, _) in enumerate(ready) if self._sample(seq, logits[i])]
+        self._time(batch.phase, prompt, len(ready), t0)
+        if self.scheduler.idle:
+            self._idle()
+        return done
+
+    # ---- one-pass logits ----------------------------------------------------------------------------------
+    def forward(self, ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [len(ids), vocab] float32 (on the host) of a fresh sequence: one step, expanded form, through
+        blocks of the pool that are freed again (no prefix cache)."""
+        x = self._check_ids(ids, 0).tolist()
+        seq = Sequence(-1, len(x), x, len(x))
+        if not self.blocks.grow(seq.table, len(x)):
+            raise ValueError(f"forward() of {len(x)} tokens needs {self.blocks.blocks_for(len(x))} KV blocks but "
+                             f"{self.blocks.available} are free; finish running requests or raise --context")
+        try:
+            batch = build_batch([(seq, len(x))], self.blocks.block_size, self.device, absorbed=False)
+            with torch.inference_mode():
+                return self.model.logits(self.model.hidden(batch, self.kv)).cpu()
+        finally:
+            self.blocks.release(seq.table)
+            if self.scheduler.idle:
+                self._idle()
+
+    # ---- stats --------------------------------------------------------------------------------------------
     def default_stop_ids(self) -> tuple[int, ...]:
         ids = set(self.cfg.eos_ids)
         if self.tokenizer is not None:
@@ -109,7 +212,8 @@ class Engine:
         return tuple(sorted(ids))
 
     def stats(self) -> dict:
-        """Tokens and seconds per phase, tokens/s, routed-expert activations by tier, the backend's counters."""
+        """Tokens and seconds per phase, tokens/s, routed-expert activations by tier, the backend's counters,
+        the scheduler's and the prefix cache's."""
         t = self.times
         backend = self.experts.stats()
         served = backend.served
@@ -118,7 +222,12 @@ class Engine:
                 "decode_tokens_per_s": _rate(t.decode_tokens, t.decode_seconds),
                 "expert_activations": {"hot_set": served.hot_set, "cpu": served.cpu, "device": served.device,
                                        "total": served.total},
-                "experts": self.info.experts, "device": str(self.device), "expert_backend": asdict(backend)}
+                "experts": self.info.experts, "device": str(self.device), "expert_backend": asdict(backend),
+                "scheduler": {**asdict(self.scheduler.stats), "running": len(self.scheduler.running),
+                              "waiting": len(self.scheduler.waiting)},
+                "kv_blocks": {"total": self.blocks.n_blocks, "in_use": self.blocks.in_use,
+                              "cached": len(self.blocks.idle), "block_size": self.blocks.block_size},
+                "prefix_cache": asdict(self.blocks.stats)}
 
     def add_route_listener(self, fn: RouteObserver) -> Callable[[], None]:
         """Call fn(layer, topk_ids [T, k], topk_weights [T, k], phase) for every MoE layer's routing, where
@@ -134,30 +243,33 @@ class Engine:
         self.experts.reset_stats()
         self.times = PhaseTimes()
 
-    # ---- internals -------------------------------------------------------------------------------
-    def _prefill(self, x: torch.Tensor, cache: MLACache) -> torch.Tensor:
-        """Run the prompt through the cache in chunks; logits [V] of its last token."""
-        t0 = time.perf_counter()
-        for start in range(0, len(x), self.prefill_chunk):
-            h = self.model.hidden(x[start:start + self.prefill_chunk], Step("prefill", start, cache))
-        logits = self.model.logits(h[-1:])[0]
-        self._time("prefill", len(x), t0)
-        return logits
+    # ---- internals --------------------------------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Choose seq's next token, tell its caller; True when the request is over (then it is finished)."""
+        act: _Active = seq.payload
+        s = act.sampler(logits)
+        seq.tokens.append(s.token)
+        self.times.generated_tokens += 1
+        keep = act.request.on_sample is None or act.request.on_sample(s) is not False
+        if not keep:
+            act.finish_reason = "cancelled"
+        elif s.token in act.stop:
+            act.finish_reason = "stop"
+        elif seq.n_generated >= act.request.max_new_tokens:
+            act.finish_reason = "length"
+        else:
+            return False
+        self.scheduler.finish(seq)
+        return True
 
-    def _decode(self, logits, pos: int, cache, sampler: Sampler, max_new: int, stop: set, emit, out: list) -> None:
-        t0 = time.perf_counter()
-        while len(out) < max_new:
-            s = sampler(logits)
-            out.append(s.token)
-            if emit(s) is False or s.token in stop or len(out) == max_new:
-                break        # the caller (e.g. a server whose client left, or a stop string) may end it
-            h = self.model.hidden(torch.tensor([s.token], device=self.device), Step("decode", pos, cache, absorbed=True))
-            logits = self.model.logits(h)[0]
-            pos += 1
-        self._time("decode", len(out), t0)
+    def _idle(self) -> None:
+        """Nothing runs: per-request state in the backend (a policy's scores) starts over."""
+        self.experts.end_request()
 
     def _check_ids(self, ids, max_new_tokens: int) -> torch.Tensor:
-        x = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).flatten()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        x = torch.as_tensor(_as_list(ids), dtype=torch.long).flatten()
         if x.numel() == 0:
             raise ValueError("the prompt is empty: give at least one token id")
         V = self.cfg.vocab_size
@@ -169,18 +281,23 @@ class Engine:
             raise ValueError(
                 f"prompt of {x.numel()} tokens plus max_new_tokens {max_new_tokens} exceeds the context of "
                 f"{limit} tokens (max_position_embeddings); shorten the prompt or lower max_new_tokens")
-        return x.to(self.device)
+        return x
 
-    def _time(self, phase: str, n: int, t0: float) -> None:
+    def _time(self, phase: str, prompt_tokens: int, sampled: int, t0: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t = self.times
+        t, dt = self.times, time.perf_counter() - t0
+        t.steps += 1
         if phase == "prefill":
-            t.prefill_tokens += n
-            t.prefill_seconds += time.perf_counter() - t0
+            t.prefill_tokens += prompt_tokens
+            t.prefill_seconds += dt
         else:
-            t.decode_tokens += n
-            t.decode_seconds += time.perf_counter() - t0
+            t.decode_tokens += sampled
+            t.decode_seconds += dt
+
+
+def _as_list(ids) -> list[int]:
+    return ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
 
 
 def _rate(n: int, s: float) -> float:

@@ -23,7 +23,7 @@ from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
 from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
 from hybrid.runtime.device import resolve_device, resolve_dtype, resolve_threads
-from hybrid.runtime.engine import Engine, LoadInfo
+from hybrid.runtime.engine import BatchConfig, Engine, LoadInfo
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.model import K2Model, build_routers, set_tensor
 from hybrid.runtime.moe import RouteListeners
@@ -87,7 +87,9 @@ def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
         backend = build_backend(src, opts, plan, ckpt, routers, placement)
         model = build_model(src, ckpt, routers, backend, routes)
     info = LoadInfo(src.model_dir, src.experts, src.threads, plan)
-    return Engine(src.cfg, model, backend, _tokenizer(src.model_dir), src.device, src.dtype, info, routes)
+    batching = BatchConfig(opts.max_batch, opts.max_batch_tokens, opts.kv_block_size,
+                           max(1, plan.context // opts.kv_block_size), opts.prefix_cache)
+    return Engine(src.cfg, model, backend, _tokenizer(src.model_dir), src.device, src.dtype, info, routes, batching)
 
 
 def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:

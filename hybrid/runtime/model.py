@@ -1,5 +1,8 @@
 """The decoder as torch modules whose parameter names equal the checkpoint's tensor names.
 
+A forward step runs a Batch (hybrid/runtime/batch.py): the tokens of several sequences at their own
+positions, each attending over its own blocks of the paged compressed cache (KVPool).
+
 Routed experts are not parameters here: each MoE layer calls the expert backend it was built with
 (hybrid/runtime/experts.py). The routers are built first and given to the model (the backend's look-ahead
 uses them too). Modules are built on the meta device and filled by the loader, so no memory is spent on
@@ -7,28 +10,29 @@ weights that are about to be replaced.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from gpu_attn import MLA, MLP, RMSNorm, Router, YarnRope
 from gpu_attn.rope import softmax_scale
 from hybrid.core.config import ModelConfig
+from hybrid.runtime.batch import Batch, KVPool
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.moe import MoE, RouteObserver
 
 # T = tokens, H = hidden, V = vocab
 
 
-@dataclass(frozen=True)
-class Step:
-    """How one forward pass runs besides its tokens: the phase, the first position, the cache, the form of
-    attention (prefill: expanded; decode: absorbed over the compressed cache)."""
-    phase: str                    # "prefill" | "decode"
-    start: int = 0                # position of the first token
-    cache: object = None          # MLACache or None (attend to these tokens only)
-    absorbed: bool = False        # MLA's absorbed form (decode) instead of the expanded one (prefill)
+def paged_attention(attn: MLA, x: torch.Tensor, batch: Batch, kv: torch.Tensor) -> torch.Tensor:
+    """MLA over the paged cache: x [T, H] -> [T, H]. Writes the step's cache rows into kv [slots, D], then each
+    segment attends over its own context rows (a view when its blocks are consecutive)."""
+    q_nope, q_pe = attn.query(x, batch.positions, batch.max_pos)
+    kv[batch.slots] = attn.compress(x, batch.positions, batch.max_pos).to(kv.dtype)
+    outs = []
+    for seg in batch.segments:
+        sl = slice(seg.start, seg.start + seg.length)
+        outs.append(attn.attend(q_nope[sl], q_pe[sl], seg.rows(kv).to(x.dtype), batch.positions[sl], seg.absorbed))
+    return attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 def build_routers(cfg: ModelConfig) -> dict[int, Router]:
@@ -49,10 +53,10 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self._moe = isinstance(mlp, MoE)
 
-    def forward(self, h: torch.Tensor, step: Step, cache_rows) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), step.start, cache_rows, step.absorbed)
+    def forward(self, h: torch.Tensor, batch: Batch, kv: torch.Tensor) -> torch.Tensor:
+        h = h + paged_attention(self.self_attn, self.input_layernorm(h), batch, kv)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, step.phase) if self._moe else self.mlp(x))
+        return h + (self.mlp(x, batch.phase) if self._moe else self.mlp(x))
 
 
 class Backbone(nn.Module):
@@ -75,11 +79,11 @@ class K2Model(nn.Module):
         self.model = Backbone(cfg, rope, mlps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def hidden(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
-        """ids [T] at positions step.start.. -> final-normed hidden [T, H]."""
-        h = self.model.embed_tokens(ids)
+    def hidden(self, batch: Batch, kv: KVPool) -> torch.Tensor:
+        """The batch's tokens -> final-normed hidden [T, H]; their cache rows are written into kv."""
+        h = self.model.embed_tokens(batch.ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, step, None if step.cache is None else step.cache.layer(i))
+            h = layer(h, batch, kv.layer(i))
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:   # [T, H] -> [T, V] float32
