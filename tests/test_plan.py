@@ -11,7 +11,7 @@ from hybrid.plan.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_
 from hybrid.plan.known_models import resolve_config
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
 from hybrid.core.placement import PlanError, dense_device_bytes, expert_host_bytes
-from hybrid.plan.planner import host_check, make_plan, place
+from hybrid.plan.planner import PlanRequest, host_check, make_plan, place
 from hybrid.profile.synth import params_with, synthesize
 from hybrid.models.tiny import PRESETS
 
@@ -187,7 +187,7 @@ def test_a_trace_without_decode_steps_lends_its_all_token_figures():
 def test_a_dense_model_is_refused():
     cfg = ModelConfig.from_dict({**PRESETS["tiny"], "first_k_dense_replace": 3})
     with pytest.raises(PlanError, match="no MoE layers"):
-        make_plan(cfg, "dense", _machine(n_gpus=1, memory=2**30, ram=2**30), "int4", 128, lambda: None)
+        make_plan(PlanRequest(cfg, "dense", _machine(n_gpus=1, memory=2**30, ram=2**30), "int4", 128, lambda: None))
 
 
 def test_plan_on_a_tiny_config_with_a_trace():
@@ -195,7 +195,7 @@ def test_plan_on_a_tiny_config_with_a_trace():
     trace = synthesize(__import__("hybrid.profile.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
                        params_with(n_requests=2, prompt_tokens=64, new_tokens=16))
     m = _machine(n_gpus=1, memory=64 * 2**20, ram=2**30)
-    plan = make_plan(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256)
+    plan = make_plan(PlanRequest(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256))
     assert plan.experts_per_layer == 4 and not plan.hot_set_capped
     assert [r["policy"] for r in plan.rows] == ["none", "static", "lru", "lfu", "router"]
     none, static = plan.rows[0], plan.rows[1]
