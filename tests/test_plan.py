@@ -2,7 +2,6 @@
 output and its errors, and calibration on this machine (small sizes)."""
 import json
 
-import numpy as np
 import pytest
 
 from hybrid.cli import main
@@ -276,13 +275,3 @@ def test_load_calibration_errors(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"version": 0}))
     with pytest.raises(ValueError, match="version-1 calibration"):
         load_calibration(tmp_path / "old.json")
-
-
-def test_replay_splits_loads_by_phase():
-    from hybrid.profile.analysis import replay
-    t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=32), n_layers=2)
-    r = replay(t, ("lru",), (0.05,), loads_per_token=0.25)["lru"][0.05]
-    decode_tokens = 2 * 32
-    total = r["decode_loads_per_token"] * decode_tokens + r["prefill_loads_per_token"] * (t.n_tokens - decode_tokens)
-    assert total == pytest.approx(r["loads_per_token"] * t.n_tokens)
-    assert 0 <= r["prefill_hit_rate"] <= 1 and np.isfinite(r["decode_hit_rate"])
