@@ -4,7 +4,7 @@
 
 1. Calibrate this machine (`hybrid plan --calibrate`), unless --calibration names an existing file.
 2. Record the routing of R prompts on the bench model (no hot set), as `hybrid profile record` would.
-3. For each hot-set budget and policy: the plan's prediction (hybrid.planner with the calibrated local
+3. For each hot-set budget and policy: the plan's prediction (hybrid.plan.planner with the calibrated local
    machine, the recorded trace replayed through the policy) and a measured run of the same prompts.
 The "GPU" here is torch on the same CPU (float32), so the hot set costs time rather than saving it; what is
 tested is whether the model of the runtime (bytes over measured rates, fixed costs, copies) predicts it.

@@ -1,4 +1,4 @@
-"""K2 chat format (hybrid/chat.py): rendering against hand-written strings, safe encoding, tool-call
+"""K2 chat format (hybrid/text/chat.py): rendering against hand-written strings, safe encoding, tool-call
 parsing. Encoding runs on the tiny tokenizer (specials from id 768)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""K2 tokenizer (hybrid/tokenizer.py) and the make-time BPE (hybrid/bpe.py), on the tiny tokenizer:
+"""K2 tokenizer (hybrid/text/tokenizer.py) and the make-time BPE (hybrid/text/bpe.py), on the tiny tokenizer:
 768 ranks trained on the bundled corpus + 256 specials at K2's offsets = vocab 1024."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
                 [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
-The model behind the numbers: hybrid/perf.py; the presets and their sources: hybrid/hardware.py.
+The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/synth.py)
+SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/profile/synth.py)
 
 
 def add_plan_parser(sub) -> None:

@@ -1,7 +1,7 @@
 """The checkpoint's tensor table for a ModelConfig: every name, its shape, and whether the official
 release stores it in block FP8. The loader validates against it; make-tiny generates from it.
 
-Names are the checkpoint's (and the torch modules' in hybrid/model.py). No renames happen anywhere.
+Names are the checkpoint's (and the torch modules' in hybrid/runtime/model.py). No renames happen anywhere.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Calibration of the device side (torch on CUDA, or the CPU standing in for it): what `hybrid plan --calibrate`
-measures besides the CPU kernels (hybrid/calibrate.py).
+measures besides the CPU kernels (hybrid/plan/calibrate.py).
 
 - measure_device: matrix-vector bandwidth over K2-shaped weights in the compute dtype, matmul FLOP/s at 512
   tokens, host-to-device copy rate;

@@ -3,12 +3,12 @@
     make_plan(PlanRequest(cfg, label, machine, fmt, context, trace, ...)) -> Plan
                                                     (pure given a trace; Plan.describe() / .to_json())
 
-Steps: bytes of the model under this runtime's placement (hybrid.perf.ModelCost: dense weights and the KV
+Steps: bytes of the model under this runtime's placement (hybrid.plan.perf.ModelCost: dense weights and the KV
 cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts dequantized on
 the GPUs) -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
 layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
-through hybrid.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
-seconds per token from hybrid.perf with the machine's rates.
+through hybrid.core.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
+seconds per token from hybrid.plan.perf with the machine's rates.
 """
 from __future__ import annotations
 

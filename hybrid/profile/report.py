@@ -122,7 +122,7 @@ def coverage_curve(trace: Trace, points: int = 50) -> dict:
 # ---- report.md -----------------------------------------------------------------------------------------
 def write_report(trace: Trace, results: dict, out_dir: str | Path, fraction: float = 0.10) -> dict[str, Path]:
     """Write report.md, the plots, placement.json, logical_count.json and analysis.json into out_dir.
-    `results` comes from hybrid.analysis.analyze(trace). Returns {name: path}."""
+    `results` comes from hybrid.profile.analysis.analyze(trace). Returns {name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = dict(results, coverage_curve=coverage_curve(trace))
