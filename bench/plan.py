@@ -4,7 +4,7 @@
 
 1. Calibrate this machine (`hybrid plan --calibrate`), unless --calibration names an existing file.
 2. Record the routing of R prompts on the bench model (no hot set), as `hybrid profile record` would.
-3. For each hot-set budget and policy: the plan's prediction (hybrid.planner with the calibrated local
+3. For each hot-set budget and policy: the plan's prediction (hybrid.plan.planner with the calibrated local
    machine, the recorded trace replayed through the policy) and a measured run of the same prompts.
 The "GPU" here is torch on the same CPU (float32), so the hot set costs time rather than saving it; what is
 tested is whether the model of the runtime (bytes over measured rates, fixed costs, copies) predicts it.
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     import hybrid
     from hybrid.plan.calibrate import calibrate, load_calibration
     from hybrid.plan.hardware import local_machine
-    from hybrid.plan.planner import AUTO_TRANSFER, make_plan
+    from hybrid.plan.planner import AUTO_TRANSFER, PlanRequest, make_plan
     from hybrid.profile.report import write_placement
     from hybrid.profile.trace import record
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
@@ -62,9 +62,9 @@ def main(argv=None) -> None:
                 place = work / f"placement-{budget.rstrip('%')}.json"
                 write_placement(place, trace, float(budget.rstrip("%")) / 100)
             got = run(a.model, 0 if pol == "none" else budget, pol, ps, a.new_tokens, a.threads, place)
-            plan = make_plan(cfg, str(a.model), machine, "fp8", context, trace, hot_set=got["capacity"],
-                             prompt_tokens=a.prompt_tokens, policies=() if pol == "none" else (pol,),
-                             transfer=AUTO_TRANSFER)
+            plan = make_plan(PlanRequest(cfg, str(a.model), machine, "fp8", context, trace, hot_set=got["capacity"],
+                                         prompt_tokens=a.prompt_tokens, policies=() if pol == "none" else (pol,),
+                                         transfer=AUTO_TRANSFER))
             row = plan.rows[-1]
             pred = row["decode_full_context"]["seconds"]          # at `context`: the mean KV length of decode
             pred_loads = (row["decode_copies_per_token_layer"] * a.new_tokens +

@@ -61,13 +61,13 @@ def test_prepare_int8_layout_scale_and_correction():
 @pytest.mark.parametrize("shape", [(256, 128), (7168, 2048)])
 def test_vnni_kernels_equal_the_emulation(gs, shape):
     H, I = shape
+    if H > 1000 and gs != 32:        # before making 88 M random weights that would not be used
+        pytest.skip("K2 shape is checked with group 32 only (what K2 ships)")
     rng = np.random.default_rng(gs + H)
     E = 2
     src = {e: {"gate": rng.standard_normal((I, H), dtype=np.float32),
                "up": rng.standard_normal((I, H), dtype=np.float32),
                "down": rng.standard_normal((H, I), dtype=np.float32)} for e in range(E)}
-    if H > 1000 and gs != 32:
-        pytest.skip("K2 shape is checked with group 32 only (what K2 ships)")
     store = LayerStore.build(StoreSpec("int4", H, I, gs), E, lambda e: src[e])
     L = _Layer(store, "int4-int8")
     T = 16

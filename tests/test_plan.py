@@ -2,7 +2,6 @@
 output and its errors, and calibration on this machine (small sizes)."""
 import json
 
-import numpy as np
 import pytest
 
 from hybrid.cli import main
@@ -11,7 +10,7 @@ from hybrid.plan.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_
 from hybrid.plan.known_models import resolve_config
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
 from hybrid.core.placement import PlanError, dense_device_bytes, expert_host_bytes
-from hybrid.plan.planner import host_check, make_plan, place
+from hybrid.plan.planner import PlanRequest, host_check, make_plan, place
 from hybrid.profile.synth import params_with, synthesize
 from hybrid.models.tiny import PRESETS
 
@@ -187,7 +186,7 @@ def test_a_trace_without_decode_steps_lends_its_all_token_figures():
 def test_a_dense_model_is_refused():
     cfg = ModelConfig.from_dict({**PRESETS["tiny"], "first_k_dense_replace": 3})
     with pytest.raises(PlanError, match="no MoE layers"):
-        make_plan(cfg, "dense", _machine(n_gpus=1, memory=2**30, ram=2**30), "int4", 128, lambda: None)
+        make_plan(PlanRequest(cfg, "dense", _machine(n_gpus=1, memory=2**30, ram=2**30), "int4", 128, lambda: None))
 
 
 def test_plan_on_a_tiny_config_with_a_trace():
@@ -195,7 +194,7 @@ def test_plan_on_a_tiny_config_with_a_trace():
     trace = synthesize(__import__("hybrid.profile.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
                        params_with(n_requests=2, prompt_tokens=64, new_tokens=16))
     m = _machine(n_gpus=1, memory=64 * 2**20, ram=2**30)
-    plan = make_plan(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256)
+    plan = make_plan(PlanRequest(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256))
     assert plan.experts_per_layer == 4 and not plan.hot_set_capped
     assert [r["policy"] for r in plan.rows] == ["none", "static", "lru", "lfu", "router"]
     none, static = plan.rows[0], plan.rows[1]
@@ -276,13 +275,3 @@ def test_load_calibration_errors(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"version": 0}))
     with pytest.raises(ValueError, match="version-1 calibration"):
         load_calibration(tmp_path / "old.json")
-
-
-def test_replay_splits_loads_by_phase():
-    from hybrid.profile.analysis import replay
-    t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=32), n_layers=2)
-    r = replay(t, ("lru",), (0.05,), loads_per_token=0.25)["lru"][0.05]
-    decode_tokens = 2 * 32
-    total = r["decode_loads_per_token"] * decode_tokens + r["prefill_loads_per_token"] * (t.n_tokens - decode_tokens)
-    assert total == pytest.approx(r["loads_per_token"] * t.n_tokens)
-    assert 0 <= r["prefill_hit_rate"] <= 1 and np.isfinite(r["decode_hit_rate"])

@@ -70,6 +70,16 @@ def test_transfer_budget_limits_replay_loads():
     assert tight["hit_rate"] < free["hit_rate"]
 
 
+def test_replay_splits_loads_by_phase():
+    from hybrid.profile.analysis import replay
+    t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=64, new_tokens=32), n_layers=2)
+    r = replay(t, ("lru",), (0.05,), loads_per_token=0.25)["lru"][0.05]
+    decode_tokens = 2 * 32
+    total = r["decode_loads_per_token"] * decode_tokens + r["prefill_loads_per_token"] * (t.n_tokens - decode_tokens)
+    assert total == pytest.approx(r["loads_per_token"] * t.n_tokens)
+    assert 0 <= r["prefill_hit_rate"] <= 1 and np.isfinite(r["decode_hit_rate"])
+
+
 def test_hints_are_scored_when_present():
     t = synthesize("kimi-k2", params_with(n_requests=2, prompt_tokens=16, new_tokens=8), n_layers=2)
     t.hints = t.ids.copy()

@@ -4,7 +4,7 @@
                 [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
-The model behind the numbers: hybrid/perf.py; the presets and their sources: hybrid/hardware.py.
+The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/synth.py)
+SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/profile/synth.py)
 
 
 def add_plan_parser(sub) -> None:
@@ -70,84 +70,93 @@ def parse_tokens(text: str) -> int:
 
 
 def build_machine(a, cfg) -> tuple:
-    """(Machine, assumptions) from the arguments."""
+    """(Machine, [Assumption]) from the plan command's arguments: this machine as its calibration measured it
+    (--machine local) or presets (--gpus, --cpu ...), then the --gpu-memory ... and --set overrides."""
+    from hybrid.plan.assumptions import FixedCosts, LocalMachine
     from hybrid.plan.calibrate import default_path, load_calibration
-    from hybrid.plan.hardware import DEFAULTS, DEV_CALIBRATION, Machine, from_calibration, local_machine, parse_gpus, \
-        parse_host, read_override, with_overrides
-    notes = []
+    from hybrid.plan.hardware import local_machine, with_overrides
     cal_path = a.calibration or default_path()
     if a.machine == "local":
-        m = local_machine(load_calibration(cal_path), cfg, a.format)
-        notes.append(f"machine: this one, from {cal_path}")
+        m, notes = local_machine(load_calibration(cal_path), cfg, a.format), [LocalMachine(cal_path)]
     else:
-        if not a.gpus:
-            raise ValueError("say which GPUs: --gpus 4xA100-80GB (or --machine local for this machine)")
-        n, gpu = parse_gpus(a.gpus)
-        sockets, host = parse_host(a.cpu) if a.cpu else (1, None)
-        if a.sockets is not None:
-            sockets = read_override("sockets", a.sockets)
-        if host is None and not a.cpu_bandwidth:
-            raise ValueError("say what the host's memory is: --cpu 2xsapphire-rapids (a preset) or "
-                             "--cpu-bandwidth 600GB/s")
-        bw = read_override("dram_bandwidth", a.cpu_bandwidth) if a.cpu_bandwidth else host.bandwidth * sockets
-        cores = read_override("cores", a.cpu_cores) if a.cpu_cores is not None else \
-            (host.cores * sockets if host else 64)
-        if host is None:
-            notes.append(f"host given by bandwidth only: {sockets} socket(s) (--sockets), {cores} cores (--cpu-cores)"
-                         + ("; one socket means no NUMA penalty" if sockets == 1 else ""))
-        if Path(cal_path).is_file():
-            cpu_fields = from_calibration(load_calibration(cal_path))
-            notes.append(f"CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: "
-                         f"measured by `hybrid plan --calibrate` ({cal_path})")
-        else:
-            cpu_fields = dict(DEV_CALIBRATION)
-            notes.append("CPU kernel efficiency, prefill FLOP/s per core, host staging rate and fixed costs: measured "
-                         "on this project's development machine (run `hybrid plan --calibrate` to use yours)")
-        m = Machine(gpu=gpu, n_gpus=n, ram=read_override("ram", a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
-                    cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
-        src = f"{host.name}: {host.source}" if host and not a.cpu_bandwidth else "given (--cpu-bandwidth)"
-        notes += [f"GPU: {gpu.name}: {gpu.source}; host-to-GPU copies {gpu.link / 1e9:.0f} GB/s (nvbandwidth-style "
-                  f"pinned copy figures)", f"host: {sockets} socket(s), {bw / 1e9:.0f} GB/s peak ({src}), {cores} cores"
-                  + ("" if a.ram else "; RAM 1 TiB (default; --ram)")]
-        for key in ("dram_efficiency", "hbm_efficiency", "mfu", "gpu_reserve", "host_reserve"):
-            v = DEFAULTS[key][0]
-            notes.append(f"{key} = {gib_or(v)}: {DEFAULTS[key][1]}")
-        if sockets > 1:
-            notes.append(f"numa_efficiency = {DEFAULTS['numa_efficiency'][0]}: {DEFAULTS['numa_efficiency'][1]}")
-        if n > 1:
-            notes.append("layers are split over the GPUs in order and run in turn (batch 1); today hybrid.load puts "
-                         "the dense part on one device: the split is what a multi-GPU load would do")
+        m, notes = _preset_machine(a, cal_path)
+    over, given = _overrides(a)
+    m = with_overrides(m, over)
+    return m, notes + given + [FixedCosts(m.moe_layer_s, m.dense_layer_s, m.token_s)]
+
+
+def _preset_machine(a, cal_path) -> tuple:
+    """(Machine, [Assumption]) from --gpus and --cpu or --cpu-bandwidth, with the CPU side's figures from the
+    calibration file when there is one, else from the development machine."""
+    from hybrid.plan.assumptions import DefaultFigure, GpuPreset, HostByBandwidth, HostMemory, LayerSplit
+    from hybrid.plan.hardware import DEFAULTS, Machine, parse_gpus, read_override
+    if not a.gpus:
+        raise ValueError("say which GPUs: --gpus 4xA100-80GB (or --machine local for this machine)")
+    n, gpu = parse_gpus(a.gpus)
+    sockets, host, bw, cores = _host(a)
+    notes = [] if host else [HostByBandwidth(sockets, cores)]
+    cpu_fields, cpu_note = _cpu_side(cal_path)
+    m = Machine(gpu=gpu, n_gpus=n, ram=read_override("ram", a.ram or "1TiB"), dram_bandwidth=bw, sockets=sockets,
+                cores=cores, numa_efficiency=DEFAULTS["numa_efficiency"][0] if sockets > 1 else 1.0, **cpu_fields)
+    notes += [cpu_note, GpuPreset(gpu), HostMemory(sockets, bw, None if a.cpu_bandwidth else host, cores, bool(a.ram))]
+    notes += [DefaultFigure(k) for k in ("dram_efficiency", "hbm_efficiency", "mfu", "gpu_reserve", "host_reserve")]
+    notes += [DefaultFigure("numa_efficiency")] if sockets > 1 else []
+    return m, notes + ([LayerSplit()] if n > 1 else [])
+
+
+def _host(a) -> tuple:
+    """(sockets, HostSpec or None, peak DRAM B/s, cores) from --cpu, --sockets, --cpu-bandwidth, --cpu-cores."""
+    from hybrid.plan.hardware import parse_host, read_override
+    sockets, host = parse_host(a.cpu) if a.cpu else (1, None)
+    if a.sockets is not None:
+        sockets = read_override("sockets", a.sockets)
+    if host is None and not a.cpu_bandwidth:
+        raise ValueError("say what the host's memory is: --cpu 2xsapphire-rapids (a preset) or "
+                         "--cpu-bandwidth 600GB/s")
+    bw = read_override("dram_bandwidth", a.cpu_bandwidth) if a.cpu_bandwidth else host.bandwidth * sockets
+    cores = read_override("cores", a.cpu_cores) if a.cpu_cores is not None else \
+        (host.cores * sockets if host else 64)
+    return sockets, host, bw, cores
+
+
+def _cpu_side(cal_path) -> tuple:
+    """(Machine fields of the CPU kernels and fixed costs, CpuFigures saying where they come from)."""
+    from hybrid.plan.assumptions import CpuFigures
+    from hybrid.plan.calibrate import load_calibration
+    from hybrid.plan.hardware import DEV_CALIBRATION, from_calibration
+    if Path(cal_path).is_file():
+        return from_calibration(load_calibration(cal_path)), CpuFigures(cal_path)
+    return dict(DEV_CALIBRATION), CpuFigures(None)
+
+
+def _overrides(a) -> tuple:
+    """({machine field: text or None}, [GivenFigure]) from --gpu-memory, --hbm-bandwidth, --gpu-tflops, --pcie,
+    --ram (with --machine local) and each --set FIELD=VALUE."""
+    from hybrid.plan.assumptions import GivenFigure
     over = {"gpu_memory": a.gpu_memory, "hbm_bandwidth": a.hbm_bandwidth,
             "gpu_flops": a.gpu_tflops * 1e12 if a.gpu_tflops is not None else None, "pcie": a.pcie,
             "ram": a.ram if a.machine == "local" else None}
+    given = []
     for item in a.set:
         k, sep, v = item.partition("=")
         if not sep:
             raise ValueError(f"--set wants FIELD=VALUE, got {item!r}")
         over[k.strip()] = v.strip()
-        notes.append(f"{k.strip()} = {v.strip()} (given)")
-    m = with_overrides(m, over)
-    notes.append(f"fixed costs per decode token: {m.moe_layer_s * 1e6:.0f} us per MoE layer, "
-                 f"{m.dense_layer_s * 1e6:.0f} us per dense layer, {m.token_s * 1e6:.0f} us per token (host-side "
-                 f"Python and dispatch, measured; a faster host shortens them)")
-    return m, notes
+        given.append(GivenFigure(k.strip(), v.strip()))
+    return over, given
 
 
-def gib_or(v: float) -> str:
-    return f"{v / 2**30:.0f} GiB" if v >= 2**20 else f"{v:g}"
-
-
-def trace_source(a, cfg):
-    """(a function that loads or synthesizes the routing trace to replay, a sentence on where it comes from).
+def trace_source(a, cfg) -> tuple:
+    """(a function that loads or synthesizes the routing trace to replay, Routing: where it comes from).
     Loading waits until the model is known to fit: a 32-request synthetic trace takes a few seconds."""
+    from hybrid.plan.assumptions import Routing
     from hybrid.profile.synth import PRESETS, params_with, synthesize
     from hybrid.profile.trace import TraceModel, read_trace
     if a.trace:
-        return (lambda: read_trace(a.trace)), f"trace {a.trace}"
+        return (lambda: read_trace(a.trace)), Routing(a.trace, 0)
     model = PRESETS.get(str(a.config).lower()) or TraceModel.from_config(cfg)
     return ((lambda: synthesize(model, params_with(n_requests=SYNTH_REQUESTS), n_layers=min(4, len(model.moe_layers)))),
-            f"synthetic, {SYNTH_REQUESTS} requests of 768 prompt + 256 new tokens, K2-calibrated concentration "
-            f"(10 % of experts: 19 % of activations by global frequency, 45 % by the request's own)")
+            Routing(None, SYNTH_REQUESTS))
 
 
 def parse_transfer(text: str) -> float:
@@ -166,35 +175,34 @@ def parse_transfer(text: str) -> float:
 
 def cmd_plan(a) -> int:
     if a.calibrate:
-        from hybrid.plan.calibrate import calibrate
-        from hybrid.plan.known_models import resolve_config
-        configs = [resolve_config("kimi-k2")[0]]
-        if str(a.config).lower() != "kimi-k2":
-            configs.append(resolve_config(a.config)[0])
-        path = calibrate(a.calibration, device=a.device, threads=a.threads, pool_gib=a.pool_gib, configs=configs,
-                         log=lambda s: print(s, file=sys.stderr))
-        print(f"calibration stored in {path}; plan this machine with `hybrid plan --config MODEL --machine local`")
-        return 0
+        return _calibrate(a)
+    from hybrid.plan.assumptions import HotSetCopies, render
     from hybrid.plan.known_models import resolve_config
-    from hybrid.plan.planner import make_plan
+    from hybrid.plan.planner import PlanRequest, make_plan
     cfg, label = resolve_config(a.config)
-    m, notes = build_machine(a, cfg)
+    m, machine_notes = build_machine(a, cfg)
     transfer = parse_transfer(a.transfer_budget)
-    trace, source = trace_source(a, cfg)
-    notes = [f"routing: {source}; replayed through the runtime's policy classes on up to 4 MoE layers; the static "
-             f"set is the trace's own top experts (in-sample: an upper bound for a profile of similar traffic)"] + notes
+    trace, routing = trace_source(a, cfg)
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
-    copy = ("the packed bytes are staged in pinned memory, cross the link and are decoded on the GPU"
-            if m.packed_copies else f"decoded on the host first ({e_params / m.dequantize[a.format]:.2f} s per expert)")
-    notes.append(f"hot-set experts are stored dequantized on the GPU (compute dtype); a copy: {copy}")
+    copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format])
     policies = tuple(x for x in a.policies.split(",") if x)
-    plan = make_plan(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
-                     prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
-                     assumptions=notes, trace_label=source.split(",")[0].split(" (")[0])
-    if a.json:
-        print(json.dumps(_finite(plan.to_json()), indent=1))
-    else:
-        print(plan.describe())
+    plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
+                                 prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
+                                 assumptions=render([routing, *machine_notes, copies]), trace_label=routing.label()))
+    print(json.dumps(_finite(plan.to_json()), indent=1) if a.json else plan.describe())
+    return 0
+
+
+def _calibrate(a) -> int:
+    """--calibrate: measure this machine (timing Kimi K2's layers, and --config's), store it."""
+    from hybrid.plan.calibrate import calibrate
+    from hybrid.plan.known_models import resolve_config
+    configs = [resolve_config("kimi-k2")[0]]
+    if str(a.config).lower() != "kimi-k2":
+        configs.append(resolve_config(a.config)[0])
+    path = calibrate(a.calibration, device=a.device, threads=a.threads, pool_gib=a.pool_gib, configs=configs,
+                     log=lambda s: print(s, file=sys.stderr))
+    print(f"calibration stored in {path}; plan this machine with `hybrid plan --config MODEL --machine local`")
     return 0
 
 

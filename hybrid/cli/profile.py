@@ -215,7 +215,7 @@ def _record(args):
 
 
 def main(argv=None) -> int:
-    """Standalone entry (python -m hybrid.profile_cli ...), until `hybrid profile` is wired into hybrid/cli.py."""
+    """Standalone entry (python -m hybrid.cli.profile ...): `hybrid profile` with the same arguments."""
     p = argparse.ArgumentParser(prog="hybrid")
     add_profile_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])

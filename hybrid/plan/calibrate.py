@@ -13,7 +13,7 @@ What is measured (each figure is best of a few rounds; the host may be shared):
   1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE layer beyond their weight
   reads (Python, dispatch, small ops, the router, the CPU-expert call) and the per-token rest (embedding,
   lm_head, sampler).
-The device-side measurements live in hybrid/calibrate_device.py. The result is a JSON file (default
+The device-side measurements live in hybrid/plan/calibrate_device.py. The result is a JSON file (default
 ~/.cache/hybrid/calibration.json, or $HYBRID_CALIBRATION) read by
 `hybrid plan --machine local` and used to scale predictions for other hardware.
 """

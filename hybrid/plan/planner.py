@@ -1,22 +1,24 @@
 """`hybrid plan`: what fits where on a machine, and the predicted prefill and decode speed per prefetch policy.
 
-    make_plan(cfg, machine, fmt, context, ...) -> Plan      (pure given a trace; Plan.describe() / .to_json())
+    make_plan(PlanRequest(cfg, label, machine, fmt, context, trace, ...)) -> Plan
+                                                    (pure given a trace; Plan.describe() / .to_json())
 
-Steps: bytes of the model under this runtime's placement (hybrid.perf.ModelCost: dense weights and the KV
+Steps: bytes of the model under this runtime's placement (hybrid.plan.perf.ModelCost: dense weights and the KV
 cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts dequantized on
 the GPUs) -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
 layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
-through hybrid.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
-seconds per token from hybrid.perf with the machine's rates.
+through hybrid.core.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
+seconds per token from hybrid.plan.perf with the machine's rates.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from hybrid.profile.analysis import replay, replay_layers
 from hybrid.core.config import ModelConfig
 from hybrid.plan.hardware import Machine
-from hybrid.plan.perf import ModelCost, decode_time, prefill_time
+from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
 from hybrid.core.placement import PlanError, gib, share_of_experts
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, POLICIES
 from hybrid.profile.trace import Trace, TraceModel
@@ -209,44 +211,84 @@ def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max
     return out, notes
 
 
-def make_plan(cfg: ModelConfig, label: str, m: Machine, fmt: str, context: int, trace, *,
-              hot_set: str | int | float = "auto", prompt_tokens: int = 4096, policies=POLICIES,
-              transfer: float = AUTO_TRANSFER, assumptions=(), max_layers: int = 4,
-              trace_label: str | None = None) -> Plan:
-    """The plan for `cfg` on machine `m` (see the module docstring). trace: a Trace, or a function returning
-    one (called only once the model is known to fit). hot_set: "auto" (all free GPU memory), a share "10%",
-    or experts per layer (int)."""
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: model `cfg` (named `label`) with its routed experts in `fmt` on `machine`, with a KV
+    cache for `context` tokens.
+
+    trace: a Trace, or a function returning one (called only once the model is known to fit: a synthetic
+        K2 trace takes seconds).
+    hot_set: "auto" (all free GPU memory), a share "10%", or experts per layer (int).
+    prompt_tokens: prompt length of the prefill and decode predictions (capped at `context`).
+    policies: prefetch policies to predict (a "none" row, no hot set, always comes first).
+    transfer: hot-set copies per token per MoE layer the policies may make.
+    assumptions: sentences printed under the plan (the machine's and the workload's).
+    max_layers: MoE layers of the trace to replay, evenly spaced.
+    trace_label: where the routing comes from, as the plan names it (default: the trace's source).
+    """
+    cfg: ModelConfig
+    label: str
+    machine: Machine
+    fmt: str
+    context: int
+    trace: Trace | Callable[[], Trace]
+    hot_set: str | int | float = "auto"
+    prompt_tokens: int = 4096
+    policies: tuple[str, ...] = POLICIES
+    transfer: float = AUTO_TRANSFER
+    assumptions: tuple[str, ...] = ()
+    max_layers: int = 4
+    trace_label: str | None = None
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    """The plan for `req` (see the module docstring): check the model and the host, place it on the GPUs,
+    replay the routing, predict each policy's speed."""
+    cfg, m = req.cfg, req.machine
+    _check_has_experts(cfg)
+    cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt)
+    store, need = host_check(cfg, cost, m, req.fmt)
+    want = _want(req.hot_set, cfg.n_routed_experts)
+    _check_context(cfg, req.context)
+    gpus, cap = place(cost, m, req.context, want)
+    trace = req.trace() if callable(req.trace) else req.trace
+    _check_shape(cfg, trace)
+    prompt = min(req.prompt_tokens, req.context)
+    rates = m.rates(req.fmt)
+    rates_by_policy, trace_notes = hit_rates(trace, cap, req.policies, req.transfer, req.max_layers)
+    rows = tuple(_policy_row(pol, r, cost, rates, prompt, req.context, cap)
+                 for pol, r in rates_by_policy.items())
+    return Plan(req.label, req.fmt, req.context, prompt, m, tuple(gpus), cap, str(req.hot_set),
+                cap < min(want, cfg.n_routed_experts), cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device,
+                store, need, req.trace_label or trace.source, rows,
+                tuple(req.assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers))
+
+
+def _check_has_experts(cfg: ModelConfig) -> None:
     if not cfg.moe_layers:
         raise PlanError("this model has no MoE layers: there are no routed experts to offload; it is a dense "
                         "model, which this runtime does not plan")
-    cost = ModelCost.of(cfg, m.dtype_bytes, fmt)
-    store, need = host_check(cfg, cost, m, fmt)
-    want = _want(hot_set, cfg.n_routed_experts)
+
+
+def _check_context(cfg: ModelConfig, context: int) -> None:
     if not 0 < context <= cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
-    gpus, cap = place(cost, m, context, want)
-    trace = trace() if callable(trace) else trace
-    _check_shape(cfg, trace)
-    rates = m.rates(fmt)
-    prompt = min(prompt_tokens, context)
-    rows = []
-    rates_by_policy, trace_notes = hit_rates(trace, cap, policies, transfer, max_layers)
-    for pol, r in rates_by_policy.items():
-        h = r["decode_hit_rate"]
-        dec = decode_time(cost, rates, h, r["decode_loads_per_token"], prompt)
-        full = decode_time(cost, rates, h, r["decode_loads_per_token"], context)
-        pre = prefill_time(cost, rates, r["prefill_hit_rate"], r["prefill_loads_per_token"], prompt,
-                           resident=cap if pol != "none" else 0)
-        rows.append({"policy": pol, "decode_hit_rate": h,
-                     "decode_copies_per_token_layer": r["decode_loads_per_token"],
-                     "prefill_hit_rate": r["prefill_hit_rate"],
-                     "prefill_copies_per_token_layer": r["prefill_loads_per_token"],
-                     "decode": dec, "decode_tokens_per_s": 1 / dec["seconds"], "decode_full_context": full,
-                     "prefill": pre, "prefill_tokens_per_s": prompt / pre["seconds"]})
-    plan = Plan(label, fmt, context, prompt, m, tuple(gpus), cap, str(hot_set), cap < min(want, cfg.n_routed_experts),
-                cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device, store, need, trace_label or trace.source,
-                tuple(rows), tuple(assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers))
-    return plan
+
+
+def _policy_row(pol: str, r: dict, cost: ModelCost, rates: Rates, prompt: int, context: int, cap: int) -> dict:
+    """One policy's predictions from its replayed hit rates and copies `r` (hit_rates): decode at `prompt` and
+    at `context` tokens of context, prefill of `prompt` tokens."""
+    h = r["decode_hit_rate"]
+    dec = decode_time(cost, rates, h, r["decode_loads_per_token"], prompt)
+    full = decode_time(cost, rates, h, r["decode_loads_per_token"], context)
+    pre = prefill_time(cost, rates, r["prefill_hit_rate"], r["prefill_loads_per_token"], prompt,
+                       resident=cap if pol != "none" else 0)
+    return {"policy": pol, "decode_hit_rate": h,
+            "decode_copies_per_token_layer": r["decode_loads_per_token"],
+            "prefill_hit_rate": r["prefill_hit_rate"],
+            "prefill_copies_per_token_layer": r["prefill_loads_per_token"],
+            "decode": dec, "decode_tokens_per_s": 1 / dec["seconds"], "decode_full_context": full,
+            "prefill": pre, "prefill_tokens_per_s": prompt / pre["seconds"]}
 
 
 def _check_shape(cfg: ModelConfig, trace: Trace) -> None:

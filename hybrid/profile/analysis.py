@@ -2,7 +2,7 @@
 
 # N = tokens, L = MoE layers, E = experts, k = experts per token; "n of f" = max(1, round(f * E)) experts
 
-Every hit rate here comes from replaying the trace through hybrid.policies (the classes the engine uses),
+Every hit rate here comes from replaying the trace through hybrid.core.policies (the classes the engine uses),
 one policy instance per layer, one access() per forward step, end_request() between requests.
 Coverage figures are in-sample: the hot set is chosen from the same tokens it is scored on, as in the
 KTransformers table the synthetic generator is calibrated to.
@@ -170,7 +170,7 @@ def replay_layers(trace: Trace, max_layers: int | None) -> list[int]:
 
 def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int] | None = None,
            loads_per_token: float = math.inf) -> dict:
-    """Hit rate of each policy at each hot-set fraction, by replaying the trace through hybrid.policies.
+    """Hit rate of each policy at each hot-set fraction, by replaying the trace through hybrid.core.policies.
 
     Static starts from the trace's own top experts per layer (the placement.json this trace would give);
     the others start empty. Router receives the trace's hints, if any, before each step.
@@ -200,7 +200,7 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
                 for s, e, dec in spans:
                     if s in new_req:
                         p.end_request()
-                    if trace.hints is not None and hasattr(p, "hint"):
+                    if trace.hints is not None:
                         p.hint(trace.hints[s:e, li])
                     x = ids_l[s:e]
                     dcs = p.access(x, "decode" if dec else "prefill")

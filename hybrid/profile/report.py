@@ -2,6 +2,7 @@
 
 Files written by write_report(trace, results, out_dir, fraction):
     report.md          tables (concentration, reuse, look-ahead, hit rate per policy and budget) and the plots
+                       (hybrid/profile/report_md.py: the summary it states and its rendering)
     heatmap.png        expert x layer activation share (1 = uniform)
     hit_rate.png       hit rate vs hot-set size, per policy, with the coverage bounds
     coverage.png       share of activations covered vs share of experts: global frequency and per request
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.core.placement_file import write_placement_file
-from hybrid.profile.analysis import CONCENTRATION, coverage, n_of, placement, request_counts
+from hybrid.profile.analysis import coverage, n_of, placement, request_counts
+from hybrid.profile.report_md import render_markdown, summarize
 from hybrid.profile.trace import Trace
 
 
@@ -120,7 +122,7 @@ def coverage_curve(trace: Trace, points: int = 50) -> dict:
 # ---- report.md -----------------------------------------------------------------------------------------
 def write_report(trace: Trace, results: dict, out_dir: str | Path, fraction: float = 0.10) -> dict[str, Path]:
     """Write report.md, the plots, placement.json, logical_count.json and analysis.json into out_dir.
-    `results` comes from hybrid.analysis.analyze(trace). Returns {name: path}."""
+    `results` comes from hybrid.profile.analysis.analyze(trace). Returns {name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = dict(results, coverage_curve=coverage_curve(trace))
@@ -135,79 +137,8 @@ def write_report(trace: Trace, results: dict, out_dir: str | Path, fraction: flo
         files["hit_rate"] = out / "hit_rate.png"
         plot_hit_rate(results, files["hit_rate"])
     files["analysis"].write_text(json.dumps(_jsonable(results), indent=1) + "\n")
-    files["report"].write_text(_markdown(trace, results, place, files))
+    files["report"].write_text(render_markdown(summarize(trace, results, place)))
     return files
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
-
-
-def _markdown(trace: Trace, res: dict, place: dict, files: dict) -> str:
-    m = trace.model
-    ph = trace.phase
-    lines = ["# Expert routing profile", "",
-             f"Trace: `{trace.source}`, model {m.model_type} ({m.describe()}, MoE layers "
-             f"{m.moe_layers[0]}..{m.moe_layers[-1]}), {trace.n_requests} requests, {trace.n_tokens} tokens "
-             f"({int((ph == 0).sum())} prefill, {int((ph == 1).sum())} decode).", ""]
-    if trace.source == "synth":
-        keys = ("n_requests", "prompt_tokens", "new_tokens", "global_skew", "request_skew", "segment_skew",
-                "token_skew", "segment_len", "layer_affinity", "seed")
-        lines += ["Synthetic trace (routing model: hybrid/synth.py, calibrated to KTransformers' published "
-                  "10 % placement figures): " + ", ".join(f"{k} {trace.params.get(k)}" for k in keys) + ".", ""]
-    if not trace.has_tokens:
-        lines += ["This trace holds counts only (SGLang stat mode): per-request concentration, reuse, look-ahead "
-                  "and policy replay need per-token routing (`--expert-distribution-recorder-mode per_token`).", ""]
-    cov = res["coverage"]
-    lines += ["## Concentration", "",
-              "Share of activations served by the top experts of each layer, chosen by the whole trace's "
-              "frequency (global) or by each request's own counts (request, an oracle of its statistics). "
-              "KTransformers' published figures for 10 %: global ~19 %, request ~45 %.", "",
-              "| experts per layer | " + " | ".join(f"top {100 * f:g} % ({n_of(f, m.n_experts)})" for f in CONCENTRATION)
-              + " |", "|---|" + "---|" * len(CONCENTRATION)]
-    for key in ("global", "request"):
-        if cov.get(key):
-            lines.append(f"| {key} | " + " | ".join(_pct(cov[key].get(f)) for f in CONCENTRATION) + " |")
-    lines += ["", "![coverage curves](coverage.png)", "", "![expert x layer heatmap](heatmap.png)", ""]
-    if "reuse" in res and res["reuse"]:
-        r = res["reuse"]
-        lines += ["## Reuse distance", "",
-                  "Tokens since the same request last used the same expert in the same layer.", "",
-                  "| previous token | <= 4 | <= 16 | <= 64 | first use | median |", "|---|---|---|---|---|---|",
-                  f"| {_pct(r['d1'])} | {_pct(r['le4'])} | {_pct(r['le16'])} | {_pct(r['le64'])} | "
-                  f"{_pct(r['first'])} | {r['median']:g} |", ""]
-    if "lookahead" in res:
-        lines += ["## Look-ahead", "",
-                  f"Predicting layer L+d's {m.top_k} experts from layer L's choice of the same token (affinity: "
-                  "co-occurrence counted on held-out requests; baseline: layer L+d's most frequent experts).", "",
-                  "| distance | predictor | precision | recall |", "|---|---|---|---|"]
-        for d, by in res["lookahead"].items():
-            for name, v in by.items() if d != "hints" else [("hints", by)]:
-                lines.append(f"| {d} | {name} | {_pct(v['precision'])} | {_pct(v['recall'])} |")
-        lines.append("")
-    if "replay" in res:
-        budget = res["loads_per_token_budget"]
-        lines += ["## Hit rate by policy and hot-set size", "",
-                  f"Replay through hybrid.policies on MoE layers {res['replay_layers']}; transfer budget "
-                  f"{'unlimited' if math.isinf(budget) else f'{budget:g} experts per token per layer'}. "
-                  "Cells: hit rate (decode-only hit rate) / loads per token per layer. Static starts from "
-                  "this trace's own top experts (placement.json); the others start empty.", "",
-                  "| policy | " + " | ".join(f"{100 * f:g} %" for f in sorted(next(iter(res["replay"].values()))))
-                  + " |", "|---|" + "---|" * len(next(iter(res["replay"].values())))]
-        for name, by_f in res["replay"].items():
-            cells = [f"{_pct(v['hit_rate'])} ({_pct(v['decode_hit_rate'])}) / {v['loads_per_token']:.2f}"
-                     for f, v in sorted(by_f.items())]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "![hit rate vs budget](hit_rate.png)", ""]
-    lines += ["## Placement", "",
-              f"`placement.json`: the top {place['experts_per_layer']} experts of each MoE layer "
-              f"({100 * place['fraction']:g} % of {m.n_experts}) by frequency in this trace; it serves "
-              f"{_pct(place['expected_hit_rate'])} of this trace's activations. Use it with "
-              "`hybrid generate --prefetch static --placement placement.json`.", "",
-              "`logical_count.json`: the same counts as `{\"logical_count\": [1, layers, experts]}` for "
-              "KTransformers' SGLang integration (`--init-expert-location logical_count.json "
-              "--kt-expert-placement-strategy frequency`).", ""]
-    return "\n".join(lines)
 
 
 def _jsonable(x):

@@ -20,7 +20,7 @@ predicts expert e at layer l, as a look-ahead gate would exploit; with rho = 0 t
 Calibration target (KTransformers' published placement measurement, quoted in DESIGN.md "Physics that shapes
 the design" and issue 6): placing 10 % of the experts by global frequency covers about 19 % of activations;
 choosing them from the request's own statistics about 45 %. DEFAULT_PARAMS were fitted to these (coverage
-measured as in hybrid.analysis.coverage: pooled over requests and layers, in-sample, 38 of 384 experts) for
+measured as in hybrid.profile.analysis.coverage: pooled over requests and layers, in-sample, 38 of 384 experts) for
 requests of 768 prompt + 256 decode tokens, 32 requests (the in-sample global figure falls as requests are
 added, since each request's own skew averages out); measured at seed 0: see CALIBRATION.
 """

@@ -40,7 +40,7 @@ PREFILL, DECODE = 0, 1
 @dataclass
 class Trace:
     """Routing of a sequence of requests. Arrays as in the module docstring; build with record(),
-    hybrid.synth.synthesize(), read_trace() or the importers."""
+    hybrid.profile.synth.synthesize(), read_trace() or the importers."""
     model: TraceModel
     ids: np.ndarray
     phase: np.ndarray

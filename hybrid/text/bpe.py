@@ -56,13 +56,7 @@ def train_bpe(text: str, n_merges: int, pat_str: str = KIMI_PAT_STR) -> dict[byt
     index = {tok: i for i, tok in enumerate(vocab)}
     seqs = [list(w) for w in words]
     freqs = list(words.values())
-    counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for w, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
-            counts[pair] += freqs[w]
-            where[pair].add(w)
-
+    counts, where = _pair_counts(seqs, freqs)
     added = 0
     while added < n_merges:
         pair = _best_pair(counts, vocab)
@@ -75,23 +69,43 @@ def train_bpe(text: str, n_merges: int, pat_str: str = KIMI_PAT_STR) -> dict[byt
             vocab.append(merged)
             added += 1
         for w in sorted(where.pop(pair)):
-            seq, f = seqs[w], freqs[w]
-            for p in zip(seq, seq[1:]):           # remove this word's old pairs ...
-                counts[p] -= f
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[w] = out
-            for p in zip(out, out[1:]):           # ... and add its new ones
-                counts[p] += f
-                where[p].add(w)
+            seqs[w] = _recount(seqs[w], _merge(seqs[w], pair, new), freqs[w], w, counts, where)
         counts.pop(pair, None)
     return {tok: i for i, tok in enumerate(vocab)}
+
+
+def _pair_counts(seqs: list[list[int]], freqs: list[int]) -> tuple[dict, dict]:
+    """({adjacent pair: count weighted by word frequency}, {pair: indices of the words holding it})."""
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            counts[pair] += freqs[w]
+            where[pair].add(w)
+    return counts, where
+
+
+def _merge(seq: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    """`seq` with each non-overlapping occurrence of `pair`, left to right, replaced by `new`."""
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def _recount(old: list[int], new: list[int], f: int, w: int, counts: dict, where: dict) -> list[int]:
+    """Move word `w`'s pair counts (weight `f`) from its `old` tokens to its `new` ones; returns `new`."""
+    for p in zip(old, old[1:]):
+        counts[p] -= f
+    for p in zip(new, new[1:]):
+        counts[p] += f
+        where[p].add(w)
+    return new
 
 
 def write_tokenizer(model_dir, ranks: dict[bytes, int]) -> None:

@@ -1,4 +1,5 @@
-"""SamplingParams (one validation for CLI, API and server) and the per-request Sampler."""
+"""Sampling: SamplingParams (one validation for CLI, API and server), the per-request Sampler (penalties,
+processors, logprobs, top-p, seeds) and what generate reports."""
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import hybrid
 from hybrid.core.sampling import SamplingError, SamplingParams
-from hybrid.runtime.sampler import Sampler
+from hybrid.runtime.sampler import Sampler, sample
 
 PROMPT = [5, 17, 300, 42, 7, 99, 1000, 3]
 
@@ -94,3 +95,23 @@ def test_api_and_cli_reject_non_finite_values(tiny_model, capsys):
     from hybrid.cli import main
     assert main(["generate", "--model", str(tiny_model), "--prompt-ids", "1,2", "--temperature", "nan"]) == 2
     assert "temperature must be a finite number" in capsys.readouterr().err
+
+
+def test_sampler_top_p_keeps_the_nucleus():
+    logits = torch.tensor([5.0, 4.0, -10.0, -10.0])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, 1.0, 0.5, g) for _ in range(50)}
+    assert picks == {0}                      # the first token alone holds > 50 % of the mass
+    picks = {sample(logits, 1.0, 0.99, g) for _ in range(200)}
+    assert picks == {0, 1}
+    assert sample(logits, 0.0) == 0
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, 1.0, 0.0)
+
+
+def test_seeded_sampling_is_reproducible(tiny_models):
+    eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
+    a = eng.generate([1, 2, 3], 12, temperature=1.0, seed=7, stop_ids=())
+    b = eng.generate([1, 2, 3], 12, temperature=1.0, seed=7, stop_ids=())
+    c = eng.generate([1, 2, 3], 12, temperature=1.0, seed=8, stop_ids=())
+    assert a == b != c
