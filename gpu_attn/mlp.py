@@ -4,12 +4,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _linear(i: int, o: int) -> nn.Module:
+    return nn.Linear(i, o, bias=False)
+
+
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, linear=_linear):
+        """linear(in, out) -> module: how the projections are built (float nn.Linear by default)."""
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = linear(hidden, inter)
+        self.up_proj = linear(hidden, inter)
+        self.down_proj = linear(inter, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # [T, H] -> [T, H]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
