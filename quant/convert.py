@@ -28,6 +28,8 @@ import torch
 from . import compressed
 from .checkpoint import INDEX_NAME, SCALE_SUFFIX, Checkpoint
 from .errors import CheckpointError
+from .formats import FORMAT_NAMES
+from .int4 import GROUP_SIZES
 from .layout import make_layout
 from .store import LayerStore, StoreSpec
 from .writer import write_sharded
@@ -36,8 +38,6 @@ MANIFEST = "hybrid-store.json"
 JOURNAL = ".convert-state.json"
 STORE_FORMAT, STORE_VERSION = "k2hybrid-expert-store", 1
 TOOL_VERSION = "0.1.0"
-FORMATS = ("int4", "fp8", "bf16")
-GROUP_SIZES = (32, 64, 128)
 DENSE_SHARD_BYTES = 4 << 30
 
 
@@ -87,8 +87,8 @@ def layer_file(layer: int) -> str:
 def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int = 1, quiet: bool = False) -> Path:
     """Convert (or resume converting) input_dir into an expert store at output_dir; returns output_dir."""
     src, out = Path(input_dir), Path(output_dir)
-    if fmt not in FORMATS:
-        raise ConvertError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in FORMAT_NAMES:
+        raise ConvertError(f"--format {fmt!r} is not one of {', '.join(FORMAT_NAMES)}")
     if group_size not in GROUP_SIZES or (fmt != "int4" and group_size != 32):
         raise ConvertError(f"--group-size {group_size}: int4 takes {GROUP_SIZES}; fp8 and bf16 take none")
     if threads < 1:
