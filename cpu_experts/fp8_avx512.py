@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block
+from cpu_experts.int4_vnni import _block, token_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
@@ -38,12 +38,8 @@ def _pos(r):
 
 @kernel
 def _call(nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
-    if nt == 4:
-        ir.fp8_t4(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
-    elif nt == 2:
-        ir.fp8_t2(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
-    else:
-        ir.fp8_t1(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
+    """The IR kernel of ir.FLOAT_TABLES["fp8"] for this token-block size; both rows from w."""
+    ir.fp8(token_index(nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
 
 
 @kernel

@@ -47,44 +47,29 @@ def prepare_int8(x, xq, xs, corr):
 
 
 @kernel
-def _call(gs, nt, w, owa, owb, osa, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n, oa, ooa, ob, oob, ost,
-          otst, pfd):
-    """Dispatch to the IR kernel for this group size and token-block size."""
-    if gs == 32:
-        if nt == 4:
-            ir.int4_g32_t4(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-        elif nt == 2:
-            ir.int4_g32_t2(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-        else:
-            ir.int4_g32_t1(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-    elif gs == 64:
-        if nt == 4:
-            ir.int4_g64_t4(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-        elif nt == 2:
-            ir.int4_g64_t2(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-        else:
-            ir.int4_g64_t1(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                           oa, ooa, ob, oob, ost, otst, pfd, 0)
-    else:
-        if nt == 4:
-            ir.int4_g128_t4(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                            oa, ooa, ob, oob, ost, otst, pfd, 0)
-        elif nt == 2:
-            ir.int4_g128_t2(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                            oa, ooa, ob, oob, ost, otst, pfd, 0)
-        else:
-            ir.int4_g128_t1(w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n,
-                            oa, ooa, ob, oob, ost, otst, pfd, 0)
+def _block(n_left):
+    """Tokens the next kernel call takes: 4, 2 or 1 (ir.TOKENS)."""
+    return 4 if n_left >= 4 else (2 if n_left >= 2 else 1)
 
 
 @kernel
-def _block(n_left):
-    return 4 if n_left >= 4 else (2 if n_left >= 2 else 1)
+def token_index(nt):
+    """Position of the token-block size nt in ir.TOKENS = (1, 2, 4): the float kernel tables' index."""
+    return 2 if nt == 4 else (1 if nt == 2 else 0)
+
+
+@kernel
+def int4_index(gs, nt):
+    """Position of the kernel for group size gs and token block nt in ir.INT4_TABLE."""
+    return (0 if gs == 32 else (1 if gs == 64 else 2)) * 3 + token_index(nt)
+
+
+@kernel
+def _call(gs, nt, w, owa, owb, osa, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n, oa, ooa, ob, oob, ost,
+          otst, pfd):
+    """The IR kernel of ir.INT4_TABLE for this group size and token-block size; codes and scales from w."""
+    ir.int4_vnni(int4_index(gs, nt), w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch,
+                 n, oa, ooa, ob, oob, ost, otst, pfd, 0)
 
 
 @kernel
