@@ -76,7 +76,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_convert(a) -> int:
     from .convert import convert
-    convert(a.input, a.output, a.format, a.group_size, a.threads, a.quiet)
+    convert(a.input, a.output, a.format, a.group_size, a.threads, a.quiet, a.dense)
     return 0
 
 
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     c.add_argument("--input", type=Path, required=True, help="HF model folder: BF16, block-FP8 or compressed-tensors INT4")
     c.add_argument("--output", type=Path, required=True, help="new or empty folder (or an interrupted conversion)")
     c.add_argument("--format", required=True, choices=FORMAT_NAMES)
+    c.add_argument("--dense", choices=FORMAT_NAMES, default=None,
+                   help="format of the dense linear weights (attention, shared experts, dense MLPs, lm_head); "
+                        "default: as the checkpoint stores them")
     c.add_argument("--group-size", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
     c.add_argument("--threads", type=int, default=1, help="MoE layers converted at once (each holds one layer's reads)")
     c.add_argument("--quiet", action="store_true")

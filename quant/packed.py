@@ -147,15 +147,22 @@ class PackedMatrix:
         w3 = w if w.ndim == 3 else w[None]
         if w3.ndim != 3:
             raise ValueError(f"quantize expects a [N, K] or [G, N, K] weight, got shape {w.shape}")
-        G, N, K = w3.shape
+        return cls.quantize_rows(lambda g, r0, r1: w3[g, r0:r1], w3.shape, fmt, group_size, fallback)
+
+    @classmethod
+    def quantize_rows(cls, rows, shape: tuple[int, int, int], fmt: str, group_size: int = 32,
+                      fallback: bool = True) -> "PackedMatrix":
+        """quantize() of a weight read QUANTIZE_ROWS rows at a time: rows(g, r0, r1) -> float [r1 - r0, K], so a
+        weight too large to hold in float32 (K2's lm_head: 4.7 GB) is never whole in memory."""
+        G, N, K = shape
         use = fmt if holds(fmt, K, group_size) or not fallback else "bf16"
         m = cls.empty(use, G, N, K, group_size, requested=fmt)
+        sr = get_format(use).scale_rows
         for g in range(G):
             for r in range(0, N, QUANTIZE_ROWS):
-                codes, scales = encode(use, w3[g, r: r + QUANTIZE_ROWS], m.group_size)
+                codes, scales = encode(use, rows(g, r, min(r + QUANTIZE_ROWS, N)), m.group_size)
                 m.codes(g)[r: r + codes.shape[0]] = codes
                 if scales is not None:
-                    sr = get_format(use).scale_rows
                     m.scales(g)[r // sr: r // sr + scales.shape[0]] = scales
         return m
 
