@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block, token_index
+from cpu_experts.int4_vnni import _block, row_pairs, token_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
@@ -65,9 +65,10 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
                 while q < n:
                     nt = _block(n - q)
                     xo, yo = (p0 + q) * I + c0, q * ROW_BLOCK
-                    if nr >= 2:
-                        _call(nt, buf8, wo + 2 * c0, wo + 2 * I + 2 * c0, act, xo, act, xo, I, 4 * I, nc // 32,
-                              nr // 2, y, yo, y, yo + 1, 2, ROW_BLOCK, pfd, acc)
+                    if nr >= 2:  # row pairs (A, A + db), see int4_vnni.row_pairs
+                        db, st = row_pairs(nr, 2 * I, pfd)
+                        _call(nt, buf8, wo + 2 * c0, wo + db * 2 * I + 2 * c0, act, xo, act, xo, I, st * 2 * I,
+                              nc // 32, nr // 2, y, yo, y, yo + db, st, ROW_BLOCK, pfd, acc)
                     if nr % 2:   # the last row runs as both A and B; B's result goes to a scratch row
                         wl = wo + (nr - 1) * 2 * I + 2 * c0
                         _call(nt, buf8, wl, wl, act, xo, act, xo, I, 2 * I, nc // 32, 1, y, yo + nr - 1, junk, 0,

@@ -27,7 +27,7 @@ from quant.layout import make_layout
 from quant.packed import PackedMatrix
 from quant.store import LayerStore, StoreSpec
 
-from cpu_experts import int4_vnni, ir
+from cpu_experts import fp8_avx512, int4_vnni, ir
 from cpu_experts.experts import TILE_ROWS, ExpertLayer, int8_buffers, run_fast, run_rows, run_tile, warm_up
 from cpu_experts.jit import PREFETCH_BYTES
 from cpu_experts.paths import KERNELS, choose_path
@@ -43,13 +43,13 @@ TILE_MIN_TOKENS = 4          # the plain path dequantizes tiles for a BLAS GEMM 
 class _Scratch:
     """Index arrays and activation buffers of a call with T tokens (kept for small T)."""
 
-    def __init__(self, G: int, T: int, K: int, path: str):
+    def __init__(self, head: tuple, G: int, T: int, K: int, path: str):
         P = G * T
-        self.grp_e = np.arange(G, dtype=np.int64)
-        self.grp_ptr = np.arange(G + 1, dtype=np.int64) * T
         p = np.arange(P, dtype=np.int64)
-        self.tok = (p % T) * G + p // T                     # pair p = g * T + t -> output row t * G + g
-        self.wts = np.ones(P, np.float32)
+        # the driver's arguments up to the activations: weights, groups (= experts), pair p = g * T + t writing
+        # output row t * G + g, weights 1
+        self.args = (*head, np.arange(G, dtype=np.int64), np.arange(G + 1, dtype=np.int64) * T,
+                     (p % T) * G + p // T, np.ones(P, np.float32))
         self.xp = np.empty((P, K), np.float32) if G > 1 and T > 1 else None   # activations in pair order
         self.xo = np.empty((P, K), np.float32) if path == "avx512" else None    # in the fp8 kernel's order
         self.q = int8_buffers(P, K) if path == "int4-int8" else None
@@ -85,35 +85,39 @@ class PackedLinear:
     def run(self, x: np.ndarray, out: np.ndarray, pool: RowPool, rows: int | None = None) -> np.ndarray:
         """out = x @ W^T (per group); returns out. rows: compute only rows [0, rows) (warm-up; None: all)."""
         G, N, K = self.w.groups, self.w.rows, self.w.cols
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        want = (x.shape[0], N) if G == 1 else (x.shape[0], G, N)
-        if x.shape[1:] != ((K,) if G == 1 else (G, K)):
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        T = x.shape[0]
+        if x.shape != ((T, K) if G == 1 else (T, G, K)):
             raise ValueError(f"x has shape {x.shape}; this linear takes [T, {K}]" if G == 1 else
                              f"x has shape {x.shape}; this grouped linear takes [T, {G}, {K}]")
-        if out.shape != want or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise ValueError(f"out is {out.dtype} {out.shape}; pass a C-contiguous float32 array of shape {want}")
-        T = x.shape[0]
+        if out.shape != ((T, N) if G == 1 else (T, G, N)) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out is {out.dtype} {out.shape}; pass a C-contiguous float32 array of shape "
+                             f"{(T, N) if G == 1 else (T, G, N)}")
         out[...] = 0
         if T == 0:
             return out
-        s = self._scratch.get(T) or _Scratch(G, T, K, self.path)
-        if T <= SCRATCH_TOKENS:
-            self._scratch[T] = s
-        xp = x.reshape(G * T, K) if G == 1 or T == 1 else _pairs(x, s.xp)
-        o2 = out.reshape(T * G, N)
+        s = self._scratch.get(T)
+        if s is None:
+            s = _Scratch(self._head, G, T, K, self.path)
+            if T <= SCRATCH_TOKENS:
+                self._scratch[T] = s
+        xp = x if G == 1 else x.reshape(G, K) if T == 1 else _pairs(x, s.xp)
+        o2 = out if G == 1 else out.reshape(T * G, N)
         n = N if rows is None else rows
         if self.path == "int4-int8":
             int4_vnni.prepare_int8(xp, *s.q)
-            args = (*self._head, s.grp_e, s.grp_ptr, s.tok, s.wts, *s.q, self._pfd, o2)
+            args = (*s.args, *s.q, self._pfd, o2)
         elif self.path == "avx512":
             if self._order is not None:
-                xp = np.take(xp, self._order, axis=1, out=s.xo)
-            args = (*self._head, s.grp_e, s.grp_ptr, s.tok, s.wts, xp, self._pfd, o2)
+                fp8_avx512.in_kernel_order(xp, self._order, s.xo)
+                xp = s.xo
+            args = (*s.args, xp, self._pfd, o2)
         elif T >= TILE_MIN_TOKENS:
             self._tiles(xp, out.reshape(T, G, N), pool, n)
             return out
         else:
-            args = (*self._head, s.grp_e, s.grp_ptr, s.tok, s.wts, xp, o2)
+            args = (*s.args, xp, o2)
         pool.run(self._mod.down, args, n, align=ROW_ALIGN, parts=self._parts)
         return out
 

@@ -65,6 +65,9 @@ class RowPool:
         (for products too small to pay for one).
         """
         *head, last = args
+        if parts == 1 or self.threads == 1:               # no hand-off: the cheapest call there is
+            fn(*head, start, start + max(n_rows, 0), last)
+            return
         ranges = [(start + a, start + b) for a, b in split(n_rows, min(parts or self.threads, self.threads), align)]
         if len(ranges) == 1:
             fn(*head, *ranges[0], last)

@@ -126,3 +126,16 @@ def test_bad_shapes_name_the_fix(pool):
                                                                         ((64, 32), "bf16"))]
     with pytest.raises(ValueError, match="one format"):
         PackedMLP(*g)
+
+
+@pytest.mark.parametrize("fmt, K", [("int4", 4224), ("fp8", 8320), ("bf16", 2112)])
+def test_long_rows_in_two_streams(pool, threaded, fmt, K):
+    """Rows longer than half the prefetch distance go through the kernels as two streams half a row block
+    apart (int4_vnni.row_pairs): odd block sizes and the column blocks of prefill included."""
+    rng = np.random.default_rng(K)
+    w = PackedMatrix.quantize(_weight(rng, 75, K), fmt)
+    lin = PackedLinear(w)
+    for T in (1, 5):
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        out = lin.run(x, np.empty((T, 75), np.float32), pool)
+        assert _err(out, reference.linear_forward(w.dequantize(), x)) <= _tol(lin.path)
