@@ -10,7 +10,8 @@ T = tokens, G = groups, N = output rows, K = inputs, H = hidden, I = inter.
 
 x is float32 (converted if not); out is float32, C-contiguous, allocated by the caller (reused across
 calls), overwritten. The call is synchronous: it returns when out is complete. The caller passes the
-RowPool, so the dense layers and the routed experts share one pool of threads.
+RowPool, so the dense layers and the routed experts share one pool of threads. One instance keeps
+per-call buffers: call it from one thread at a time.
 
 How: a PackedMatrix lays each group out as one expert's down matrix (quant/packed.py), so a product is the
 experts' `down` driver with the groups as experts and the pairs p = g * T + t (weights 1, out zeroed

@@ -139,3 +139,29 @@ def test_long_rows_in_two_streams(pool, threaded, fmt, K):
         x = rng.standard_normal((T, K)).astype(np.float32)
         out = lin.run(x, np.empty((T, 75), np.float32), pool)
         assert _err(out, reference.linear_forward(w.dequantize(), x)) <= _tol(lin.path)
+
+
+def test_experts_and_dense_layers_share_one_pool():
+    """CpuMoE on a caller's pool (run() synchronous, submit/wait from its own thread) between dense products:
+    every result right, and closing the CpuMoE leaves the shared pool working."""
+    from cpu_experts import CpuMoE, LayerStore, StoreSpec
+    rng = np.random.default_rng(11)
+    H, I, E = 256, 128, 4
+    src = {e: {m: _weight(rng, *s) for m, s in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I)))} for e in range(E)}
+    store = LayerStore.build(StoreSpec("int4", H, I), E, lambda e: src[e])
+    pool = RowPool(2)
+    moe = CpuMoE({0: store}, pool=pool, activations="float")
+    assert moe.threads == 2
+    lin = PackedLinear(PackedMatrix.quantize(_weight(rng, 96, H), "fp8"))
+    x = rng.standard_normal((3, H)).astype(np.float32)
+    ids, w = np.array([[0, 1], [2, 3], [1, 2]]), np.full((3, 2), 0.5, np.float32)
+    ref = reference.moe_forward(store, x, ids, w)
+    for _ in range(3):
+        ticket = moe.submit(0, x, ids, w)                     # experts on the background thread ...
+        y = lin.run(x, np.empty((3, 96), np.float32), pool)   # ... while the caller's products take turns
+        assert _err(moe.wait(ticket), ref) <= FLOAT_TOL and _err(moe.run(0, x, ids, w), ref) <= FLOAT_TOL
+        assert _err(y, reference.linear_forward(lin.w.dequantize(), x)) <= FLOAT_TOL
+    moe.close()
+    assert _err(lin.run(x, np.empty((3, 96), np.float32), pool), reference.linear_forward(lin.w.dequantize(), x)) \
+        <= FLOAT_TOL
+    pool.close()
