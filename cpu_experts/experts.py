@@ -50,32 +50,33 @@ class ExpertLayer:
                      np.int64(s.hidden), np.int64(s.inter), np.int64(s.group_size))
 
 
-def run_fast(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out) -> None:
-    """IR kernels: activations gathered in pair order; each weight row block serves its whole group."""
+def run_fast(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out, parts: int | None = None) -> None:
+    """IR kernels: activations gathered in pair order; each weight row block serves its whole group.
+    parts: at most this many of the pool's threads (RowPool.run)."""
     H, I = L.store.spec.hidden, L.store.spec.inter
     act = np.empty((tok.size, I), dtype=np.float32)
     pfd = np.int64(PREFETCH_BYTES[L.store.spec.fmt])
     if L.path == "avx512":
         if L.order is not None:                   # the fp8 kernel reads activations in its own order
             x = x[:, L.order]
-        pool.run(L.fast.gateup, (*L.head, grp_e, grp_ptr, x[tok], pfd, act), I, align=128)
-        pool.run(L.fast.down, (*L.head, grp_e, grp_ptr, tok, w, act, pfd, out), H, align=128)
+        pool.run(L.fast.gateup, (*L.head, grp_e, grp_ptr, x[tok], pfd, act), I, align=128, parts=parts)
+        pool.run(L.fast.down, (*L.head, grp_e, grp_ptr, tok, w, act, pfd, out), H, align=128, parts=parts)
         return
     xq, xs, xc = int8_buffers(x.shape[0], H)              # quantize each token once, then gather
     int4_vnni.prepare_int8(x, xq, xs, xc)
     xq, xs, xc = xq[tok], xs[tok], xc[tok]
-    pool.run(int4_vnni.gateup, (*L.head, grp_e, grp_ptr, xq, xs, xc, pfd, act), I, align=128)
+    pool.run(int4_vnni.gateup, (*L.head, grp_e, grp_ptr, xq, xs, xc, pfd, act), I, align=128, parts=parts)
     aq, as_, ac = int8_buffers(tok.size, I)
     int4_vnni.prepare_int8(act, aq, as_, ac)
-    pool.run(int4_vnni.down, (*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, pfd, out), H, align=128)
+    pool.run(int4_vnni.down, (*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, pfd, out), H, align=128, parts=parts)
 
 
-def run_rows(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out) -> None:
+def run_rows(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out, parts: int | None = None) -> None:
     """Plain Numba kernels: tokens read through `tok`, one pass over the weights per pair."""
     H, I = L.store.spec.hidden, L.store.spec.inter
     act = np.empty((tok.size, I), dtype=np.float32)
-    pool.run(L.mod.gateup, (*L.head, grp_e, grp_ptr, tok, x, act), I)
-    pool.run(L.mod.down, (*L.head, grp_e, grp_ptr, tok, w, act, out), H)
+    pool.run(L.mod.gateup, (*L.head, grp_e, grp_ptr, tok, x, act), I, parts=parts)
+    pool.run(L.mod.down, (*L.head, grp_e, grp_ptr, tok, w, act, out), H, parts=parts)
 
 
 def run_tile(pool: RowPool, L: ExpertLayer, e: int, x, tok, w, out) -> None:

@@ -34,8 +34,8 @@ from cpu_experts.jit import PREFETCH_BYTES
 from cpu_experts.paths import KERNELS, choose_path
 from cpu_experts.pool import RowPool
 
-SERIAL_BYTES = 256 << 10     # a product reading fewer weight bytes runs on the calling thread alone: below
-#                              this the hand-off to the pool costs more than the second thread saves
+SERIAL_BYTES = 256 << 10     # a product reading fewer weight bytes runs on the calling thread alone: a
+#                              hand-off costs 7.6-15 us (pool.py), what one thread needs for 150-300 KB at 20 GB/s
 ROW_ALIGN = 16               # thread row ranges start on 16 rows: 64 bytes of float32 output per token
 SCRATCH_TOKENS = 16          # per-call buffers are kept for calls of up to this many tokens (decode)
 TILE_MIN_TOKENS = 4          # the plain path dequantizes tiles for a BLAS GEMM from this many tokens on
@@ -44,7 +44,7 @@ TILE_MIN_TOKENS = 4          # the plain path dequantizes tiles for a BLAS GEMM 
 class _Scratch:
     """Index arrays and activation buffers of a call with T tokens (kept for small T)."""
 
-    def __init__(self, head: tuple, G: int, T: int, K: int, path: str):
+    def __init__(self, head: tuple, G: int, T: int, K: int, path: str, reorder: bool):
         P = G * T
         p = np.arange(P, dtype=np.int64)
         # the driver's arguments up to the activations: weights, groups (= experts), pair p = g * T + t writing
@@ -52,7 +52,7 @@ class _Scratch:
         self.args = (*head, np.arange(G, dtype=np.int64), np.arange(G + 1, dtype=np.int64) * T,
                      (p % T) * G + p // T, np.ones(P, np.float32))
         self.xp = np.empty((P, K), np.float32) if G > 1 and T > 1 else None   # activations in pair order
-        self.xo = np.empty((P, K), np.float32) if path == "avx512" else None    # in the fp8 kernel's order
+        self.xo = np.empty((P, K), np.float32) if reorder else None             # in the fp8 kernel's order
         self.q = int8_buffers(P, K) if path == "int4-int8" else None
 
 
@@ -100,7 +100,7 @@ class PackedLinear:
             return out
         s = self._scratch.get(T)
         if s is None:
-            s = _Scratch(self._head, G, T, K, self.path)
+            s = _Scratch(self._head, G, T, K, self.path, self._order is not None)
             if T <= SCRATCH_TOKENS:
                 self._scratch[T] = s
         xp = x if G == 1 else x.reshape(G, K) if T == 1 else _pairs(x, s.xp)
@@ -144,8 +144,8 @@ def _pairs(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
 class PackedMLP:
     def __init__(self, gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix, activations: str = "auto",
                  kernels: str = "auto"):
-        """gate, up [I, H] and down [H, I], one group each, all in one format (quant.dense.mlp_format picks
-        one that holds both H and I)."""
+        """gate, up [I, H] and down [H, I], one group each, all in one format (quant.dense.DenseReader.mlp
+        gives them so)."""
         I, H = gate.rows, gate.cols
         shapes = [(m.fmt, m.groups, m.rows, m.cols, m.group_size) for m in (gate, up, down)]
         if shapes != [(gate.fmt, 1, I, H, gate.group_size)] * 2 + [(gate.fmt, 1, H, I, gate.group_size)]:
@@ -162,6 +162,7 @@ class PackedMLP:
         self.path = choose_path(gate.fmt, (H, I), activations, kernels)
         self._layer = ExpertLayer(store, self.path)
         self._index: dict[int, tuple] = {}
+        self._parts = 1 if self.nbytes < SERIAL_BYTES else None
         warm_up(RowPool(1), self._layer)
 
     @property
@@ -187,9 +188,9 @@ class PackedMLP:
             self._index[T] = idx
         grp_e, grp_ptr, tok, w = idx
         if self.path != "plain":
-            run_fast(pool, self._layer, grp_e, grp_ptr, tok, w, x, out)
+            run_fast(pool, self._layer, grp_e, grp_ptr, tok, w, x, out, self._parts)
         elif T >= TILE_MIN_TOKENS:
             run_tile(pool, self._layer, 0, x, tok, w, out)
         else:
-            run_rows(pool, self._layer, grp_e, grp_ptr, tok, w, x, out)
+            run_rows(pool, self._layer, grp_e, grp_ptr, tok, w, x, out, self._parts)
         return out

@@ -89,7 +89,7 @@ def test_grouped_linear_per_head(pool, threaded, fmt, kernels):
 
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("kernels, activations", [("auto", "auto"), ("auto", "float"), ("plain", "auto")])
-def test_mlp_fused_swiglu(pool, fmt, kernels, activations):
+def test_mlp_fused_swiglu(pool, threaded, fmt, kernels, activations):
     rng = np.random.default_rng(3)
     H, I = 256, 384
     mats = [PackedMatrix.quantize(_weight(rng, *s), fmt) for s in ((I, H), (I, H), (H, I))]
