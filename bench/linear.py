@@ -200,7 +200,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
     p.add_argument("--formats", default="int4,fp8,bf16")
-    p.add_argument("--models", default="bench,k2", help="shape sets: bench, k2 (tiny's run as the fixed cost)")
+    p.add_argument("--models", default="bench,k2",
+                   help="shape sets: bench, k2, or '' for the fixed cost alone (tiny's shapes, always run)")
     p.add_argument("--tokens", type=int, default=128, help="prefill tokens")
     p.add_argument("--pool-gib", type=float, default=1.0, help="bytes of copies per shape, so reads are cold")
     p.add_argument("--torch-max-gib", type=float, default=3.0, help="skip a torch baseline needing more memory")
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
           f"shared, figures are best of rounds; compare within this run")
     buf = np.ones(GIB, np.uint8)
     fixed_cost(a, pool, rng)
-    for model in a.models.split(","):
+    for model in filter(None, a.models.split(",")):
         print(f"# {model} shapes")
         for fmt in a.formats.split(","):
             decode_rows(a, fmt, MODELS[model], pool, buf, rng)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block, row_pairs, token_index
+from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, token_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
@@ -116,6 +116,7 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
     nbc = (I + 127) // 128
     for k in range(grp_e.shape[0]):
         base = grp_e[k] * stride
+        prefetch_next(buf8, grp_e, k, stride, lay[2] + r0 * I, min(pfd, (r1 - r0) * I))
         p0, p1 = grp_ptr[k], grp_ptr[k + 1]
         n = p1 - p0
         kb = COL_BLOCK if n >= 4 else I

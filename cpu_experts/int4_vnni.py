@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.jit import ROW_BLOCK, kernel
+from cpu_experts.jit import ROW_BLOCK, kernel, prefetch
 
 
 @kernel
@@ -61,6 +61,17 @@ def row_pairs(nr, rowb, pfd):
     bytes (K = 7168) 29.3-30.0 GB/s split against 25.5-26.2 adjacent; 1024-byte rows (K2's expert down)
     29.6 adjacent against 27.5 split."""
     return (nr // 2, 1) if 2 * rowb > pfd else (1, 2)
+
+
+@kernel
+def prefetch_next(buf, grp_e, k, stride, off, n):
+    """Software prefetch of bytes [off, off + n) of group k + 1 (if any), one per 64-byte line: a group's
+    streams start cold otherwise. Grouped products of short runs per group gain most: [64, 128, 512] int4
+    (MLA's W_UV per head) 13.9 -> 15.8 GB/s per CPU-second, [64, 512, 128] 11.6 -> 13.0."""
+    if k + 1 < grp_e.shape[0]:
+        start = grp_e[k + 1] * stride + off
+        for o in range(start, start + n, 64):
+            prefetch(buf, o)
 
 
 @kernel
@@ -118,6 +129,8 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, aq
     y = np.empty((4, ROW_BLOCK), np.float32)
     for k in range(grp_e.shape[0]):
         base = grp_e[k] * stride
+        prefetch_next(buf8, grp_e, k, stride, lay[2] + r0 * rowb, min(pfd, (r1 - r0) * rowb))
+        prefetch_next(buf8, grp_e, k, stride, lay[5] + r0 * srow, min(pfd, (r1 - r0) * srow))
         for hb in range(r0, r1, ROW_BLOCK):
             nr = min(ROW_BLOCK, r1 - hb)
             wo, so = base + lay[2] + hb * rowb, base + lay[5] + hb * srow
