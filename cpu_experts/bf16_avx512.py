@@ -8,18 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block
+from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, token_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
 @kernel
 def _call(nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
-    if nt == 4:
-        ir.bf16_t4(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
-    elif nt == 2:
-        ir.bf16_t2(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
-    else:
-        ir.bf16_t1(w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
+    """The IR kernel of ir.FLOAT_TABLES["bf16"] for this token-block size; both rows from w."""
+    ir.bf16(token_index(nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
 
 
 @kernel
@@ -54,6 +50,7 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
     """out[tok[p], h] += wts[p] * (down_h . act[p]) for h in [r0, r1); act f32 [P, I]."""
     for k in range(grp_e.shape[0]):
         base = grp_e[k] * stride
+        prefetch_next(buf8, grp_e, k, stride, lay[2] + r0 * 2 * I, min(pfd, (r1 - r0) * 2 * I))
         p0, p1 = grp_ptr[k], grp_ptr[k + 1]
         n = p1 - p0
         kb = COL_BLOCK if n >= 4 else I
@@ -69,9 +66,10 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
                 while q < n:
                     nt = _block(n - q)
                     xo, yo = (p0 + q) * I + c0, q * ROW_BLOCK
-                    if nr >= 2:
-                        _call(nt, buf8, wo + 2 * c0, wo + 2 * I + 2 * c0, act, xo, act, xo, I, 4 * I, nc // 32,
-                              nr // 2, y, yo, y, yo + 1, 2, ROW_BLOCK, pfd, acc)
+                    if nr >= 2:  # row pairs (A, A + db), see int4_vnni.row_pairs
+                        db, st = row_pairs(nr, 2 * I, pfd)
+                        _call(nt, buf8, wo + 2 * c0, wo + db * 2 * I + 2 * c0, act, xo, act, xo, I, st * 2 * I,
+                              nc // 32, nr // 2, y, yo, y, yo + db, st, ROW_BLOCK, pfd, acc)
                     if nr % 2:   # the last row runs as both A and B; B's result goes to a scratch row
                         wl = wo + (nr - 1) * 2 * I + 2 * c0
                         _call(nt, buf8, wl, wl, act, xo, act, xo, I, 2 * I, nc // 32, 1, y, yo + nr - 1, junk, 0,

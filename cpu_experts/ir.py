@@ -308,15 +308,25 @@ KERNELS[f"cx_read_v{VERSION}"] = _read_kernel(f"cx_read_v{VERSION}", False)
 KERNELS[f"cx_read_pf_v{VERSION}"] = _read_kernel(f"cx_read_pf_v{VERSION}", True)
 
 
-def _emit_call(context, builder, fname: str, sig, args):
-    """Link the kernel's IR into the library being compiled and call it with raw pointers/ints."""
+def _emit_call(context, builder, fnames: tuple[str, ...], sig, args, table: bool = False):
+    """Link the kernels' IR into the library being compiled and call one with raw pointers/ints.
+
+    table=False: fnames holds one kernel, called with every argument. table=True: the first argument is
+    an index into fnames and the call is an LLVM switch over direct calls, one per kernel (static calls,
+    the same machine code as an if-chain of calls; an index out of range calls nothing).
+    """
     lib = context.active_code_library
     linked = lib.__dict__.setdefault("_cx_linked", set())    # link each kernel once per library
-    if fname not in linked:
-        mod = ll.parse_assembly(_DECLS + KERNELS[fname])
-        mod.verify()
-        lib.add_llvm_module(mod)
-        linked.add(fname)
+    for fname in fnames:
+        if fname not in linked:
+            mod = ll.parse_assembly(_DECLS + KERNELS[fname])
+            mod.verify()
+            lib.add_llvm_module(mod)
+            linked.add(fname)
+    index = None
+    if table:
+        index = context.cast(builder, args[0], sig.args[0], types.int64)
+        sig, args = types.void(*sig.args[1:]), args[1:]
     ptr = ir.PointerType()
     vals, tys = [], []
     for ty, v in zip(sig.args, args):
@@ -340,42 +350,56 @@ def _emit_call(context, builder, fname: str, sig, args):
             out_vals.append(vals[i])
             out_tys.append(tys[i])
             i += 1
-    fn = builder.module.globals.get(fname) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), out_tys),
-                                                          fname)
-    builder.call(fn, out_vals)
+    fns = [builder.module.globals.get(f) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), out_tys), f)
+           for f in fnames]
+    if index is None:
+        builder.call(fns[0], out_vals)
+        return context.get_dummy_value()
+    done = builder.append_basic_block("cx.done")
+    switch = builder.switch(index, done)
+    for k, fn in enumerate(fns):
+        block = builder.append_basic_block(f"cx.k{k}")
+        switch.add_case(ir.Constant(ir.IntType(64), k), block)
+        with builder.goto_block(block):
+            builder.call(fn, out_vals)
+            builder.branch(done)
+    builder.position_at_end(done)
     return context.get_dummy_value()
 
 
-# Each intrinsic takes (array, element offset) pairs for the pointers, in the IR parameter order.
-def _int4_impl(gs, nt):
-    name = f"cx_int4_vnni_g{gs}_t{nt}_v{VERSION}"
+# The kernel tables: one intrinsic per family whose first argument picks the kernel (int4: group size x
+# token block, fp8/bf16: token block); then (array, element offset) pairs for the pointers, in the IR
+# parameter order. Index helpers: cpu_experts/int4_vnni.py (int4_index) and token_index below.
+INT4_GROUPS = (32, 64, 128)
+INT4_TABLE = tuple(f"cx_int4_vnni_g{g}_t{t}_v{VERSION}" for g in INT4_GROUPS for t in TOKENS)
+FLOAT_TABLES = {f: tuple(f"cx_{f}_t{t}_v{VERSION}" for t in TOKENS) for f in ("fp8", "bf16")}
 
+
+def _table(names: tuple[str, ...]):
+    return lambda context, builder, s, a: _emit_call(context, builder, names, s, a, table=True)
+
+
+@intrinsic
+def int4_vnni(typingctx, k, wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
+              wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum):
+    """INT4 x int8 row kernel number k of INT4_TABLE (k = group index * len(TOKENS) + token index)."""
+    sig = types.void(k, wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
+                     wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum)
+    return sig, _table(INT4_TABLE)
+
+
+def _float_table(fmt: str):
     @intrinsic
-    def call(typingctx, wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
-             wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum):
-        sig = types.void(wa, owa, wb, owb, sa, osa, sb, osb, sstride, xq, oxq, xs, oxs, corr, ocorr, tx,
-                         wstride, nch, n, outa, oouta, outb, ooutb, ostride, otstride, pfd, accum)
-        return sig, lambda context, builder, s, a: _emit_call(context, builder, name, s, a)
-    return call
-
-
-def _float_impl(fmt, nt):
-    name = f"cx_{fmt}_t{nt}_v{VERSION}"
-
-    @intrinsic
-    def call(typingctx, wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
+    def call(typingctx, k, wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
              ostride, otstride, pfd, accum):
-        sig = types.void(wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
+        sig = types.void(k, wa, owa, wb, owb, xa, oxa, xb, oxb, tx, wstride, nch, n, outa, oouta, outb, ooutb,
                          ostride, otstride, pfd, accum)
-        return sig, lambda context, builder, s, a: _emit_call(context, builder, name, s, a)
+        return sig, _table(FLOAT_TABLES[fmt])
     return call
 
 
-int4_g32_t1, int4_g32_t2, int4_g32_t4 = (_int4_impl(32, t) for t in TOKENS)
-int4_g64_t1, int4_g64_t2, int4_g64_t4 = (_int4_impl(64, t) for t in TOKENS)
-int4_g128_t1, int4_g128_t2, int4_g128_t4 = (_int4_impl(128, t) for t in TOKENS)
-fp8_t1, fp8_t2, fp8_t4 = (_float_impl("fp8", t) for t in TOKENS)
-bf16_t1, bf16_t2, bf16_t4 = (_float_impl("bf16", t) for t in TOKENS)
+fp8 = _float_table("fp8")      # fp8(token_index(nt), ...): FLOAT_TABLES["fp8"][k]
+bf16 = _float_table("bf16")
 
 
 def _read_impl(prefetch: bool):
@@ -385,7 +409,7 @@ def _read_impl(prefetch: bool):
     def call(typingctx, a, oa, nch, pfd, out, oout):
         """Sum nch 64-byte chunks of `a` from byte offset oa (a uint8), result into out[oout] (int32)."""
         sig = types.void(a, oa, nch, pfd, out, oout)
-        return sig, lambda context, builder, s, args: _emit_call(context, builder, name, s, args)
+        return sig, lambda context, builder, s, args: _emit_call(context, builder, (name,), s, args)
     return call
 
 

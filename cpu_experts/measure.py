@@ -2,7 +2,8 @@
 
 - read_bandwidth: GB/s of a Numba read loop over a buffer (plain and with software prefetch: the ceiling the
   kernels are held against, KERNEL-NOTES);
-- random_store: a pool of experts with random codes and sane scales, built without quantizing;
+- random_store / random_packed: a pool of experts, a dense weight, with random codes and sane scales, built
+  without quantizing;
 - decode_bw: the CPU MoE's effective bandwidth on one-token calls with random distinct experts;
 - prefill: one call with T tokens vs the same routing as T one-token calls.
 Best-of-rounds everywhere: the host is shared, and other tenants only ever slow a round down.
@@ -15,6 +16,7 @@ import numpy as np
 
 from quant.formats import f32_to_bf16_bits
 from quant.layout import make_layout
+from quant.packed import PackedMatrix
 from quant.store import LayerStore, StoreSpec
 
 from .ir import read_chunks, read_chunks_prefetch
@@ -56,31 +58,49 @@ def read_bandwidth(buf: np.ndarray, threads: int, numpy_sum: bool = True) -> dic
     return res
 
 
-def random_store(fmt: str, n_experts: int, rng, hidden: int = H, inter: int = I) -> LayerStore:
-    """A pool of experts (K2-shaped by default) with random codes and sane scales, built without quantizing.
+def random_codes(fmt: str, nbytes: int, rng) -> np.ndarray:
+    """nbytes random weight bytes of `fmt` (uint8), written 64 MiB at a time (writing touches every page):
+    fp8 without the NaN codes, bf16 with a sign, 7 random mantissa bits and an exponent near 2^-7.
 
     Every page gets its own random bytes, so no page sharing or compression can flatter a kernel.
     """
-    spec = StoreSpec(fmt, hidden, inter)
-    lay = make_layout(fmt, hidden, inter)
-    buf = np.empty(n_experts * lay.stride, np.uint8)
+    buf = np.empty(nbytes, np.uint8)
     step = 64 << 20
-    for o in range(0, buf.size, step):                 # writing touches every page
+    for o in range(0, buf.size, step):
         n = min(step, buf.size - o)
         chunk = np.frombuffer(rng.bytes(n), np.uint8)
         if fmt == "fp8":
             chunk = chunk & np.uint8(0xF7)             # never 0x7F / 0xFF (NaN)
-        elif fmt == "bf16":                            # sign, 7 mantissa bits, exponent near 2^-7
+        elif fmt == "bf16":
             chunk = ((chunk.view(np.uint16) & np.uint16(0x807F)) | np.uint16(0x3C00)).view(np.uint8)
         buf[o:o + n] = chunk
-    store = LayerStore(spec, n_experts, buf, source="bench")
+    return buf
+
+
+def _sane_scale(fmt: str):
+    return f32_to_bf16_bits(np.float32(0.01)) if fmt == "int4" else np.float32(1e-3)
+
+
+def random_store(fmt: str, n_experts: int, rng, hidden: int = H, inter: int = I) -> LayerStore:
+    """A pool of experts (K2-shaped by default) with random codes and sane scales, built without quantizing."""
+    lay = make_layout(fmt, hidden, inter)
+    store = LayerStore(StoreSpec(fmt, hidden, inter), n_experts, random_codes(fmt, n_experts * lay.stride, rng),
+                       source="bench")
     for e in range(n_experts):
         for m in ("gate", "up", "down"):
-            name = m + "_scale"
-            if name in lay.sections:
-                s = store.section(e, name)
-                s[...] = f32_to_bf16_bits(np.float32(0.01)) if fmt == "int4" else np.float32(1e-3)
+            if m + "_scale" in lay.sections:
+                store.section(e, m + "_scale")[...] = _sane_scale(fmt)
     return store
+
+
+def random_packed(fmt: str, groups: int, rows: int, cols: int, rng) -> PackedMatrix:
+    """A dense weight [groups, rows, cols] with random codes and sane scales, built without quantizing."""
+    m = PackedMatrix.empty(fmt, groups, rows, cols)
+    m.buffer[...] = random_codes(fmt, m.buffer.size, rng)
+    for g in range(groups):
+        if m.scales(g) is not None:
+            m.scales(g)[...] = _sane_scale(fmt)
+    return m
 
 
 def decode_bw(moe, store, calls: int, rng, rounds: int = 3) -> tuple[float, float]:

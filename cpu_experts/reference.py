@@ -1,4 +1,4 @@
-"""The slow, obvious reference for every expert kernel: dequantize with the numpy codecs, then float64.
+"""The slow, obvious reference for every expert and dense kernel: dequantize with the numpy codecs, then float64.
 
 Expert(x) = down(silu(gate x) * up x). The fast kernels accumulate in float32 (or int32 on int8
 activations); tests compare them to this with a tolerance stated per path.
@@ -28,3 +28,13 @@ def moe_forward(store, hidden: np.ndarray, topk_ids: np.ndarray, topk_weights: n
         y = expert_forward(*store.dequantize(int(e)), hidden[t])
         np.add.at(out, t, topk_weights[t, j].astype(np.float64)[:, None] * y)
     return out
+
+
+def linear_forward(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The reference of PackedLinear in float64: w float [G, N, K] (PackedMatrix.dequantize()), x [T, K] when
+    G == 1 -> [T, N] = x @ W^T; x [T, G, K] when G > 1 -> [T, G, N], row t, g = W[g] @ x[t, g]."""
+    w = np.asarray(w, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if w.shape[0] == 1 and x.ndim == 2:
+        return x @ w[0].T
+    return np.einsum("tgk,gnk->tgn", x, w)

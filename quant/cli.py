@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .checkpoint import ITEMSIZE, Checkpoint
 from .errors import CheckpointError
+from .formats import FORMAT_NAMES
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -55,7 +56,7 @@ def cmd_inspect(a) -> int:
         H, I, n = shape["H"], shape["I"], shape["E"] * len(shape["moe_layers"])
         report["routed_expert_bytes_as_stored"] = expert_bytes
         report["host_expert_bytes"] = {f: n * sum(bytes_per_matrix(f, r, c) for r, c in ((I, H), (I, H), (H, I)))
-                                       for f in ("int4", "fp8", "bf16")}
+                                       for f in FORMAT_NAMES}
     if a.json:
         print(json.dumps(report))
         return 0
@@ -75,7 +76,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_convert(a) -> int:
     from .convert import convert
-    convert(a.input, a.output, a.format, a.group_size, a.threads, a.quiet)
+    convert(a.input, a.output, a.format, a.group_size, a.threads, a.quiet, a.dense)
     return 0
 
 
@@ -98,7 +99,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("convert", help="convert an HF checkpoint into the expert store (resumable)")
     c.add_argument("--input", type=Path, required=True, help="HF model folder: BF16, block-FP8 or compressed-tensors INT4")
     c.add_argument("--output", type=Path, required=True, help="new or empty folder (or an interrupted conversion)")
-    c.add_argument("--format", required=True, choices=["int4", "fp8", "bf16"])
+    c.add_argument("--format", required=True, choices=FORMAT_NAMES)
+    c.add_argument("--dense", choices=FORMAT_NAMES, default=None,
+                   help="format of the dense linear weights (attention, shared experts, dense MLPs, lm_head); "
+                        "default: as the checkpoint stores them")
     c.add_argument("--group-size", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
     c.add_argument("--threads", type=int, default=1, help="MoE layers converted at once (each holds one layer's reads)")
     c.add_argument("--quiet", action="store_true")

@@ -21,13 +21,17 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import compressed
 from .checkpoint import INDEX_NAME, SCALE_SUFFIX, Checkpoint
+from .dense import CHECKPOINT, convert_tensors, dense_kind, mlp_prefix
 from .errors import CheckpointError
+from .formats import FORMAT_NAMES
+from .int4 import GROUP_SIZES
 from .layout import make_layout
 from .store import LayerStore, StoreSpec
 from .writer import write_sharded
@@ -36,8 +40,6 @@ MANIFEST = "hybrid-store.json"
 JOURNAL = ".convert-state.json"
 STORE_FORMAT, STORE_VERSION = "k2hybrid-expert-store", 1
 TOOL_VERSION = "0.1.0"
-FORMATS = ("int4", "fp8", "bf16")
-GROUP_SIZES = (32, 64, 128)
 DENSE_SHARD_BYTES = 4 << 30
 
 
@@ -68,8 +70,10 @@ def model_shape(cfg: dict, where: str) -> dict:
         raise ConvertError(f"{where}: config.json lacks integer fields {missing}; copy it unchanged from the checkpoint")
     freq = cfg.get("moe_layer_freq", 1)
     moe = [L for L in range(cfg["num_hidden_layers"]) if L >= cfg["first_k_dense_replace"] and L % freq == 0]
+    mla = {k: cfg.get(f) for k, f in (("heads", "num_attention_heads"), ("dn", "qk_nope_head_dim"), ("dv", "v_head_dim"))}
     return {"H": cfg["hidden_size"], "I": cfg["moe_intermediate_size"], "E": cfg["n_routed_experts"],
-            "moe_layers": moe, "quantization_config": cfg.get("quantization_config")}
+            "moe_layers": moe, "quantization_config": cfg.get("quantization_config"),
+            "mla": mla if all(isinstance(v, int) for v in mla.values()) else None}
 
 
 def expert_prefix(layer: int, e: int, m: str) -> str:
@@ -84,11 +88,18 @@ def layer_file(layer: int) -> str:
     return f"experts/layer-{layer:03d}.safetensors"
 
 
-def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int = 1, quiet: bool = False) -> Path:
-    """Convert (or resume converting) input_dir into an expert store at output_dir; returns output_dir."""
+def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int = 1, quiet: bool = False,
+            dense: str | None = None) -> Path:
+    """Convert (or resume converting) input_dir into an expert store at output_dir; returns output_dir.
+
+    dense: the format of the dense linear weights (quant/dense.py), None to keep the checkpoint's own.
+    """
     src, out = Path(input_dir), Path(output_dir)
-    if fmt not in FORMATS:
-        raise ConvertError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in FORMAT_NAMES:
+        raise ConvertError(f"--format {fmt!r} is not one of {', '.join(FORMAT_NAMES)}")
+    if dense is not None and dense not in FORMAT_NAMES:
+        raise ConvertError(f"--dense {dense!r} is not one of {', '.join(FORMAT_NAMES)} (leave it out to keep the "
+                           f"checkpoint's own)")
     if group_size not in GROUP_SIZES or (fmt != "int4" and group_size != 32):
         raise ConvertError(f"--group-size {group_size}: int4 takes {GROUP_SIZES}; fp8 and bf16 take none")
     if threads < 1:
@@ -98,14 +109,17 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
     shape = model_shape(read_config_dict(src, ConvertError), str(src / "config.json"))
     spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
     with Checkpoint.open(src) as ck:                # validates every shard header before any writing
-        return _convert(ck, src, out, spec, shape, threads, quiet)
+        return _convert(ck, src, out, spec, shape, threads, quiet, dense)
 
 
-def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict, threads: int, quiet: bool) -> Path:
+def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict, threads: int, quiet: bool,
+             dense: str | None) -> Path:
     source = expert_source(ck, shape)
     params = {"format": STORE_FORMAT, "version": STORE_VERSION, "expert_format": spec.fmt,
               "group_size": spec.group_size, "source": str(src.resolve()), "source_kind": source.kind,
-              "source_files": _fingerprint(src)}
+              "dense_format": dense or CHECKPOINT, "source_files": _fingerprint(src)}
+    if dense == "int4":
+        params["dense_group_size"] = spec.group_size
     state = _prepare_output(out, params)
     stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
     dense = [n for n in ck.names if not is_expert_tensor(n)]
@@ -118,8 +132,8 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
     progress = _Progress(quiet, len(shape["moe_layers"]), len(shape["moe_layers"]) - len(todo_layers))
     _copy_side_files(src, out)
     if not state.get("dense"):
-        _write_dense(ck, dense, out, state)
-        progress.note(f"dense tensors: {len(dense)} written")
+        _write_dense(ck, dense, out, state, DenseSpec(params["dense_format"], spec.group_size, shape["mla"]), progress)
+        progress.note(f"dense tensors: {len(dense)} written ({params['dense_format']})")
     (out / "experts").mkdir(exist_ok=True)
 
     def one(layer):
@@ -140,7 +154,7 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
     manifest = {**{k: v for k, v in params.items() if k != "source_files"}, "tool_version": TOOL_VERSION,
                 "moe_layers": shape["moe_layers"], "n_experts": shape["E"], "hidden": shape["H"],
                 "inter": shape["I"], "source_shards": state["source_shards"],
-                "files": dict(sorted(state["done"].items()))}
+                "dense_fallbacks": state.get("dense_fallbacks", {}), "files": dict(sorted(state["done"].items()))}
     _write_json(out / MANIFEST, manifest)        # last: only now is the folder a store
     (out / JOURNAL).unlink()
     progress.note(f"done: {out} ({spec.fmt}, {len(shape['moe_layers'])} MoE layers); peak memory of the layer "
@@ -239,19 +253,47 @@ def _prepare_output(out: Path, params: dict) -> dict:
     return state
 
 
-def _write_dense(ck: Checkpoint, names: list[str], out: Path, state: dict) -> None:
+@dataclass(frozen=True)
+class DenseSpec:
+    fmt: str                  # a format name, or CHECKPOINT: keep the checkpoint's tensors as they are
+    group_size: int           # int4
+    mla: dict | None          # {"heads", "dn", "dv"}: kv_b's per-head halves (quant/dense.py)
+
+
+def _write_dense(ck: Checkpoint, names: list[str], out: Path, state: dict, spec: DenseSpec, progress) -> None:
     for p in list(out.glob("model-*.safetensors")) + [out / INDEX_NAME]:
         p.unlink(missing_ok=True)                          # an interrupted dense pass starts over
+    fallbacks = {}
+    linears = [n for n in names if spec.fmt != CHECKPOINT and dense_kind(n)]
+    t0 = time.perf_counter()
 
     def tensors():
+        done, mlps = 0, set()
         for n in names:
+            if spec.fmt != CHECKPOINT and dense_kind(n):
+                done += 1
+                mlp = mlp_prefix(n)
+                if mlp in mlps:
+                    continue                               # written with its MLP's first weight
+                if mlp:
+                    mlps.add(mlp)
+                pairs, why = convert_tensors(ck, n, spec.fmt, spec.group_size, spec.mla)
+                kind = dense_kind(n).rsplit(".", 1)[0] if mlp else dense_kind(n)
+                if why and kind not in fallbacks:
+                    fallbacks[kind] = why
+                    progress.note(f"dense {kind}: {why} (said once for all layers)")
+                yield from pairs
+                if done % max(1, len(linears) // 10) == 0:
+                    left = (time.perf_counter() - t0) / done * (len(linears) - done)
+                    progress.note(f"dense linears in {spec.fmt}: {done}/{len(linears)}, ETA {left / 60:.1f} min")
+                continue
             yield n, ck.get_raw(n).contiguous()
             if ck.is_fp8(n):
                 yield n + SCALE_SUFFIX, ck.get_raw(n + SCALE_SUFFIX).contiguous()
     shards = write_sharded(out, tensors(), DENSE_SHARD_BYTES)
     for p in shards + [out / INDEX_NAME]:
         state["done"][p.name] = _file_record(p)
-    state["dense"] = True
+    state["dense"], state["dense_fallbacks"] = True, fallbacks
     _write_json(out / JOURNAL, state)
 
 

@@ -1,4 +1,5 @@
-"""Number formats of the routed-expert store: a table entry per format plus the bf16/fp16 codecs.
+"""Number formats of stored weights (routed experts and dense linears): a table entry per format plus
+the bf16/fp16 codecs.
 
 gguf-py style: a format is described by data (bits per weight, scale layout), and its quantize /
 dequantize pair lives in plain numpy (quant/int4.py, quant/fp8.py, bf16 here). Those numpy functions
@@ -16,17 +17,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Format:
+    """One number format of stored weights, as data: byte counts, the stored arrays' shapes (the expert
+    layout, the packed dense matrices) and every list of allowed names (FORMAT_NAMES) are read from this
+    table, nowhere else."""
     name: str
-    weight_bits: int        # bits per stored weight code
-    scale_bytes: int        # bytes per scale value (0: none)
-    scale_block: str        # what one scale covers, in words
+    weight_bits: int          # bits per stored weight code
+    code_dtype: str           # numpy dtype the codes are stored in (two int4 codes per uint8)
+    scale_dtype: str | None   # numpy dtype of one scale (bf16 scales as uint16 bit patterns); None: no scales
+    scale_rows: int           # rows of the weight one scale covers
+    scale_cols: int | None    # inputs of a row one scale covers (None: the int4 group size)
+    scale_block: str          # what one scale covers, in words
+
+    @property
+    def scale_bytes(self) -> int:
+        return np.dtype(self.scale_dtype).itemsize if self.scale_dtype else 0
+
+    def sections(self, rows: int, cols: int, group_size: int = 32) -> tuple[tuple[str, tuple, str], ...]:
+        """(suffix, shape, dtype) of the arrays one [rows, cols] weight is stored as: the codes (suffix "")
+        then the scales ("_scale"), if any. Partial scale blocks at the edges count whole (fp8's
+        128x128 grid is a ceil division); int4 callers check cols % group_size first (quant/int4.py)."""
+        per_item = np.dtype(self.code_dtype).itemsize * 8 // self.weight_bits
+        out = (("", (rows, cols // per_item), self.code_dtype),)
+        if self.scale_dtype:
+            sc = group_size if self.scale_cols is None else self.scale_cols
+            out += (("_scale", (-(-rows // self.scale_rows), -(-cols // sc)), self.scale_dtype),)
+        return out
+
+    def nbytes(self, rows: int, cols: int, group_size: int = 32) -> int:
+        """Bytes of one [rows, cols] weight (codes + scales), before alignment padding."""
+        return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for _, shape, dt in self.sections(rows, cols, group_size))
 
 
 FORMATS = {
-    "int4": Format("int4", 4, 2, "a group of `group_size` (default 32) inputs of one row; bf16 scale"),
-    "fp8": Format("fp8", 8, 4, "a 128x128 block (float32 weight_scale_inv, multiplied)"),
-    "bf16": Format("bf16", 16, 0, "none: the weights themselves"),
+    "int4": Format("int4", 4, "uint8", "uint16", 1, None,
+                   "a group of `group_size` (default 32) inputs of one row; bf16 scale"),
+    "fp8": Format("fp8", 8, "uint8", "float32", 128, 128, "a 128x128 block (float32 weight_scale_inv, multiplied)"),
+    "bf16": Format("bf16", 16, "uint16", None, 1, 1, "none: the weights themselves (bf16 bit patterns)"),
 }
+FORMAT_NAMES = tuple(FORMATS)          # ("int4", "fp8", "bf16"): the allowed format names, in this order
 
 
 FORMAT_NAMES = tuple(FORMATS)      # the allowed format names, in this order everywhere
@@ -34,20 +62,13 @@ FORMAT_NAMES = tuple(FORMATS)      # the allowed format names, in this order eve
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        raise ValueError(f"unknown expert format {name!r}; choose one of {sorted(FORMATS)}")
+        raise ValueError(f"unknown weight format {name!r}; choose one of {', '.join(FORMAT_NAMES)}")
     return FORMATS[name]
 
 
 def bytes_per_matrix(fmt: str, rows: int, cols: int, group_size: int = 32) -> int:
     """Bytes of one [rows, cols] weight (codes + scales) in `fmt`, before alignment padding."""
-    if fmt == "int4":
-        return rows * cols // 2 + rows * (cols // group_size) * 2
-    if fmt == "fp8":
-        return rows * cols + (-(-rows // 128)) * (-(-cols // 128)) * 4
-    if fmt == "bf16":
-        return rows * cols * 2
-    get_format(fmt)
-    raise AssertionError("unreachable")
+    return get_format(fmt).nbytes(rows, cols, group_size)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quant.formats import get_format
+
 LAYOUT_VERSION = 1
 SECTION_ALIGN = 64
 EXPERT_ALIGN = 4096
@@ -53,23 +55,10 @@ def matrix_shape(name: str, hidden: int, inter: int) -> tuple[int, int]:
 
 
 def make_layout(fmt: str, hidden: int, inter: int, group_size: int = 32) -> Layout:
-    shapes = []
-    for m in MATRICES:
-        r, c = matrix_shape(m, hidden, inter)
-        if fmt == "int4":
-            shapes.append((m, (r, c // 2), "uint8"))
-        elif fmt == "fp8":
-            shapes.append((m, (r, c), "uint8"))
-        elif fmt == "bf16":
-            shapes.append((m, (r, c), "uint16"))
-        else:
-            raise ValueError(f"unknown expert format {fmt!r}; use 'int4', 'fp8' or 'bf16'")
-    for m in MATRICES:
-        r, c = matrix_shape(m, hidden, inter)
-        if fmt == "int4":
-            shapes.append((m + "_scale", (r, c // group_size), "uint16"))
-        elif fmt == "fp8":
-            shapes.append((m + "_scale", (-(-r // 128), -(-c // 128)), "float32"))
+    f = get_format(fmt)
+    per_matrix = [[(m + suffix, shape, dt) for suffix, shape, dt in f.sections(*matrix_shape(m, hidden, inter), group_size)]
+                  for m in MATRICES]
+    shapes = [s[0] for s in per_matrix] + [s[1] for s in per_matrix if len(s) > 1]   # codes first, then scales
     sections, off, used = {}, 0, 0
     for name, shape, dt in shapes:
         s = Section(off, shape, dt)

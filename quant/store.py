@@ -22,7 +22,8 @@ import numpy as np
 
 from quant import fp8 as qfp8
 from quant import int4 as qint4
-from quant.formats import bf16_bits_to_f32, f32_to_bf16_bits
+from quant.codec import decode, encode
+from quant.formats import FORMAT_NAMES
 from quant.layout import EXPERT_ALIGN, LAYOUT_VERSION, MATRICES, make_layout, matrix_shape
 
 MAGIC = "k2hybrid.LayerStore"
@@ -37,8 +38,8 @@ class StoreSpec:
     group_size: int = 32    # int4 only
 
     def __post_init__(self):
-        if self.fmt not in ("int4", "fp8", "bf16"):
-            raise ValueError(f"StoreSpec.fmt={self.fmt!r}; use 'int4', 'fp8' or 'bf16'")
+        if self.fmt not in FORMAT_NAMES:
+            raise ValueError(f"StoreSpec.fmt={self.fmt!r}; use one of {', '.join(FORMAT_NAMES)}")
         if self.hidden <= 0 or self.inter <= 0:
             raise ValueError(f"StoreSpec needs positive hidden/inter, got {self.hidden}/{self.inter}")
         if self.fmt == "int4":
@@ -80,14 +81,8 @@ def _encode(spec: StoreSpec, name: str, value, shape) -> dict:
         if value.q.shape != shape:            # an INT4 release into the INT4 store: packed as is, lossless
             raise ValueError(f"INT4 expert weight {name!r} has shape {value.q.shape}, expected {shape}")
         return {name: qint4.pack(value.q), name + "_scale": np.asarray(value.scales, dtype=np.uint16)}
-    w = _to_float(name, value, shape)
-    if spec.fmt == "fp8":
-        codes, scale_inv = qfp8.quantize_blocks(w)
-        return {name: codes, name + "_scale": scale_inv}
-    if spec.fmt == "int4":
-        q, scales = qint4.quantize_groups(w, spec.group_size)
-        return {name: qint4.pack(q), name + "_scale": scales}
-    return {name: f32_to_bf16_bits(w)}
+    codes, scales = encode(spec.fmt, _to_float(name, value, shape), spec.group_size)
+    return {name: codes} if scales is None else {name: codes, name + "_scale": scales}
 
 
 class LayerStore:
@@ -172,17 +167,10 @@ class LayerStore:
 
     def dequantize(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The reference: (gate f32 [I, H], up f32 [I, H], down f32 [H, I]) of expert e."""
-        out = []
-        for m in MATRICES:
-            if self.spec.fmt == "int4":
-                w = qint4.dequantize_groups(qint4.unpack(self.section(e, m)), self.section(e, m + "_scale"),
-                                            self.spec.group_size)
-            elif self.spec.fmt == "fp8":
-                w = qfp8.dequantize_blocks(self.section(e, m), self.section(e, m + "_scale"))
-            else:
-                w = bf16_bits_to_f32(self.section(e, m))
-            out.append(w)
-        return tuple(out)
+        secs = self.layout.sections
+        return tuple(decode(self.spec.fmt, self.section(e, m),
+                            self.section(e, m + "_scale") if m + "_scale" in secs else None, self.spec.group_size)
+                     for m in MATRICES)
 
     def metadata(self) -> dict:
         return _metadata(self.spec, self.n_experts)

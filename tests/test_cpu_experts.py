@@ -201,13 +201,13 @@ def test_mmap_store_runs(tmp_path, small):
 def test_avx512_drivers_on_odd_row_ranges(fmt):
     """Row ranges that are not multiples of the row pairs / blocks, and groups of 1, 2, 4+4+4+2+1 tokens."""
     from cpu_experts import bf16_avx512, fp8_avx512
-    from cpu_experts.moe import _Layer
+    from cpu_experts.experts import ExpertLayer
     mod = fp8_avx512 if fmt == "fp8" else bf16_avx512
     rng = np.random.default_rng(21)
     H, I, E = 2048 + 128, 1024 + 128, 3             # 3 and 2 column blocks of 1024
     src = _float_experts(rng, H, I, E)
     store = LayerStore.build(StoreSpec(fmt, H, I), E, lambda e: src[e])
-    L = _Layer(store, "avx512")
+    L = ExpertLayer(store, "avx512")
     T = 15
     x = rng.standard_normal((T, H), dtype=np.float32)
     pairs = [(2, t) for t in range(15)] + [(0, 3)] + [(1, 5), (1, 6)]       # blocks of 4, 4, 4, 2, 1 tokens

@@ -14,7 +14,7 @@ import pytest
 
 from cpu_experts import CpuMoE, LayerStore, StoreSpec, ir, reference
 from cpu_experts import int4_vnni
-from cpu_experts.moe import _Layer
+from cpu_experts.experts import ExpertLayer
 
 pytestmark = pytest.mark.skipif(not ir.supported(), reason="CPU lacks AVX-512 VNNI/F16C: fast path not used")
 TOL = 5e-5
@@ -69,7 +69,7 @@ def test_vnni_kernels_equal_the_emulation(gs, shape):
                "up": rng.standard_normal((I, H), dtype=np.float32),
                "down": rng.standard_normal((H, I), dtype=np.float32)} for e in range(E)}
     store = LayerStore.build(StoreSpec("int4", H, I, gs), E, lambda e: src[e])
-    L = _Layer(store, "int4-int8")
+    L = ExpertLayer(store, "int4-int8")
     T = 16
     x = rng.standard_normal((T, H), dtype=np.float32)
     # expert 1: 15 tokens (token blocks of 4, 4, 4, 2 and 1), expert 0: token 1 alone

@@ -44,7 +44,7 @@ def test_avx512_kernel_decodes_every_code_exactly():
     @kernel
     def dots(w, x, out):                       # out[j] = row . x_j for 256 one-hot activation rows
         for j in range(256):
-            ir.fp8_t1(w, 0, w, 0, x, j * 256, x, j * 256, 256, 256, 4, 1, out, j, out, j, 1, 1, 0, 0)
+            ir.fp8(0, w, 0, w, 0, x, j * 256, x, j * 256, 256, 256, 4, 1, out, j, out, j, 1, 1, 0, 0)
 
     order = ir.fp8_order(256)                  # position p of the activation row holds input order[p]
     x = np.zeros((256, 256), np.float32)
