@@ -57,7 +57,6 @@ FORMATS = {
 FORMAT_NAMES = tuple(FORMATS)          # ("int4", "fp8", "bf16"): the allowed format names, in this order
 
 
-FORMAT_NAMES = tuple(FORMATS)      # the allowed format names, in this order everywhere
 
 
 def get_format(name: str) -> Format:

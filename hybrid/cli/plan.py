@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from quant.formats import FORMAT_NAMES
+
 
 SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated on (hybrid/profile/synth.py)
 
@@ -33,7 +35,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (default: from the preset)")
     p.add_argument("--hbm-bandwidth", help="GPU memory bandwidth, e.g. 2TB/s (default: from the preset)")
     p.add_argument("--gpu-tflops", type=float, help="dense BF16 TFLOPS per GPU (default: from the preset)")
-    p.add_argument("--format", default="int4", choices=["int4", "fp8", "bf16"], help="routed experts in host RAM")
+    p.add_argument("--format", default="int4", choices=FORMAT_NAMES, help="routed experts in host RAM")
     p.add_argument("--context", default="32k", help="tokens of KV cache to reserve, e.g. 32k (default 32k)")
     p.add_argument("--prompt-tokens", default="4096", help="prompt length for prefill and decode predictions")
     p.add_argument("--trace", type=Path, help="routing trace (hybrid profile record/import/synth); default: synthetic")

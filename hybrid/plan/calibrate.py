@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.plan.calibrate_device import measure_device, measure_join, measure_modules
+from quant.formats import FORMAT_NAMES
 
 GIB = 1 << 30
-FORMATS = ("int4", "fp8", "bf16")
 
 
 def default_path() -> Path:
@@ -49,7 +49,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def measure_cpu(pool_gib: float, threads: int, formats=FORMATS, calls: int = 24, log=print) -> dict:
+def measure_cpu(pool_gib: float, threads: int, formats=FORMAT_NAMES, calls: int = 24, log=print) -> dict:
     """Read bandwidth and, per format, the CPU kernels' decode bandwidth, prefill rate and copy cost."""
     from cpu_experts import CpuMoE
     from cpu_experts.measure import H, I, TOPK, decode_bw, prefill, random_store, read_bandwidth
@@ -114,7 +114,7 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
 
 
 def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-              pool_gib: float = 2.0, formats=FORMATS, device_gib: float | None = None, configs=None,
+              pool_gib: float = 2.0, formats=FORMAT_NAMES, device_gib: float | None = None, configs=None,
               join_shape=None, log=print) -> Path:
     """Measure this machine and write the calibration JSON; returns its path. configs: ModelConfigs whose
     layers to time on the device (default: Kimi K2's)."""

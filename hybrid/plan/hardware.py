@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from hybrid.plan.perf import Rates
 from hybrid.core.placement import PlanError, parse_size
+from quant.formats import FORMAT_NAMES
 
 GB, GIB = 1e9, 2**30
 
@@ -117,7 +118,7 @@ class Machine:
     kernel_efficiency: dict
     cpu_flops_per_core: dict
     stage: float                           # B/s of staging a packed expert in pinned host memory
-    dequantize: dict = field(default_factory=lambda: dict.fromkeys(("int4", "fp8", "bf16"), math.inf))
+    dequantize: dict = field(default_factory=lambda: dict.fromkeys(FORMAT_NAMES, math.inf))
     packed_copies: bool = True             # packed bytes cross the link, decoded on the GPU (expert_copy.py)
     dram_efficiency: float = DEFAULTS["dram_efficiency"][0]
     numa_efficiency: float = 1.0
@@ -302,7 +303,7 @@ def with_overrides(m: Machine, overrides: dict) -> Machine:
         if name in _GPU_FIELDS:
             gpu_kv[_GPU_FIELDS[name]] = v
         elif name in _PER_FORMAT:
-            if fmt not in ("int4", "fp8", "bf16"):
+            if fmt not in FORMAT_NAMES:
                 raise ValueError(f"{name} is per format: write {name}.int4=..., {name}.fp8=... or {name}.bf16=...")
             kv[name] = {**kv.get(name, getattr(m, name)), fmt: v}
         else:

@@ -22,6 +22,7 @@ from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
 from hybrid.core.placement import PlanError, gib, share_of_experts
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, POLICIES
 from hybrid.profile.trace import Trace, TraceModel
+from quant.formats import FORMAT_NAMES
 
 AUTO_TRANSFER = AUTO_LOADS_PER_TOKEN      # the runtime's transfer_budget="auto", in copies per token per MoE layer
 
@@ -117,7 +118,7 @@ def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple
     need = store + m.host_reserve
     if need > m.ram:
         needs = {f: ModelCost.of(cfg, m.dtype_bytes, f).expert_host * cost.n_experts * cost.moe_layers + m.host_reserve
-                 for f in ("int4", "fp8", "bf16")}
+                 for f in FORMAT_NAMES}
         alt = "; ".join(f"{f} needs {gib(v)}" + (" (fits)" if v <= m.ram else "") for f, v in needs.items())
         fix = ("use a format that fits (--format)" if any(v <= m.ram for v in needs.values()) else
                f"no format fits: give the machine at least {gib(needs['int4'])} of RAM (--ram)")
