@@ -16,6 +16,7 @@ EXPERT_FORMATS = FORMAT_NAMES
 EXPERT_CHOICES = ("auto", *EXPERT_FORMATS, "torch")
 PREFETCH_CHOICES = ("auto", "off", "static", "lru", "lfu", "router")
 ACTIVATION_CHOICES = ("auto", "float")
+DENSE_CHOICES = ("auto", *FORMAT_NAMES, "torch")
 
 
 def _opt(default, help: str, choices=None, cli_type=str, metavar=None):
@@ -55,6 +56,10 @@ class RuntimeOptions:
                                      "embeddings, 32768))", cli_type=int)
     gpu_memory: int | str | None = _opt(None, "device memory the placement may use, e.g. 20GiB (default: what "
                                               "is free)", cli_type=_size)
+    dense: str = _opt("auto", "dense (non-expert) linears: auto = the checkpoint's own format (fp8 for the official "
+                              "release) kept packed and run by the project's kernels on the CPU, or dequantized per "
+                              "use on CUDA; int4 | fp8 | bf16 = that format; torch = float torch modules in the "
+                              "compute dtype (the reference; auto with experts=torch)", DENSE_CHOICES)
     activations: str = _opt("auto", "INT4 kernels: auto = int8 activations (VNNI dot products, ~1e-2 of max|y| "
                                     "from exact, like llama.cpp's Q4_0 x Q8_0) | float (exact, slow)",
                             ACTIVATION_CHOICES)

@@ -50,14 +50,16 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
 
 
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan,
-                      routers: dict[int, Router], dev: torch.device, dt: torch.dtype, threads: int,
+                      routers: dict[int, Router], dev: torch.device, dt: torch.dtype, pool,
                       placement: dict | None = None) -> ExpertBackend:
-    """CPU kernels over `stores`, with a hot set in front when the plan has room for one.
+    """CPU kernels over `stores` on `pool` (a cpu_experts.RowPool), with a hot set in front when the plan has
+    room for one. On a CPU device they run synchronously (scheduled between the dense layers' turns on the
+    same threads, not overlapped with them).
 
     placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others.
     routers: the model's routers (look-ahead hints for the router policy)."""
     from cpu_experts import CpuMoE
-    cpu = CpuExperts(CpuMoE(stores, threads=threads, activations=opts.activations))
+    cpu = CpuExperts(CpuMoE(stores, activations=opts.activations, pool=pool), synchronous=dev.type == "cpu")
     if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
         return cpu
     policy_name = "router" if opts.prefetch == "auto" else opts.prefetch

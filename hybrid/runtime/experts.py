@@ -35,7 +35,8 @@ class ExpertTicket:
     """What submit() started and wait() finishes; one type for every backend."""
     layer: int
     device: torch.device                    # where the result goes (h's device)
-    cpu: CpuTicket | None = None            # slots running on the CPU kernels
+    cpu: CpuTicket | None = None            # slots running on the CPU kernels (in the background)
+    cpu_out: torch.Tensor | None = None     # [T, H] float32 the CPU kernels already computed (synchronous)
     partial: torch.Tensor | None = None     # [T, H] float32 already computed on the device
     decision: Decision | None = None        # hot-set copies that follow the wait
 
@@ -182,10 +183,14 @@ class TorchExperts(ExpertBackend):
 
 
 class CpuExperts(ExpertBackend):
-    """Adapter from torch tensors on any device to cpu_experts.CpuMoE (numpy, float32)."""
+    """Adapter from torch tensors on any device to cpu_experts.CpuMoE (numpy, float32).
 
-    def __init__(self, cpu_moe):
-        self.moe = cpu_moe
+    synchronous: run the kernels inside submit() on the calling thread (the CPU is the device: the dense
+    layers and the experts take turns on one pool of threads); else in CpuMoE's background thread while the
+    device runs the shared expert."""
+
+    def __init__(self, cpu_moe, synchronous: bool = False):
+        self.moe, self.synchronous = cpu_moe, synchronous
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -197,9 +202,14 @@ class CpuExperts(ExpertBackend):
         idn = np.ascontiguousarray(ids.detach().to("cpu").numpy())
         wn = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy())
         self.served.cpu += int((idn >= 0).sum())
+        if self.synchronous:
+            out = torch.from_numpy(self.moe.run(layer, hn, idn, wn)).to(h.device)
+            return ExpertTicket(layer, h.device, cpu_out=out)
         return ExpertTicket(layer, h.device, cpu=self.moe.submit(layer, hn, idn, wn))
 
     def wait(self, ticket: ExpertTicket) -> torch.Tensor:
+        if ticket.cpu is None:
+            return ticket.cpu_out
         return torch.from_numpy(self.moe.wait(ticket.cpu)).to(ticket.device)
 
     def stats(self) -> ExpertStats:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,16 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
+from cpu_experts import RowPool
 from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
+from hybrid.runtime.dense import DenseModules, PackedModule, modules_for
 from hybrid.runtime.device import resolve_device, resolve_dtype, resolve_threads
 from hybrid.runtime.engine import BatchConfig, Engine, LoadInfo
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.model import K2Model, build_routers, set_tensor
 from hybrid.runtime.moe import RouteListeners
 from quant.checkpoint import Checkpoint
+from quant.dense import DenseReader, dense_kind, stored_names
 from quant.errors import CheckpointError
 
 
@@ -38,6 +42,7 @@ class Source:
     cfg: ModelConfig
     manifest: dict | None        # a converted store's manifest; None for an HF checkpoint
     experts: str                 # the routed-expert format this run uses (int4 | fp8 | bf16 | torch)
+    dense: str                   # dense linears: "torch" (float modules) or auto | int4 | fp8 | bf16 (packed)
     device: torch.device
     dtype: torch.dtype
     threads: int
@@ -80,12 +85,18 @@ def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
         placement = read_placement(opts.placement, expect=src.cfg)   # read once: sizes the plan, seeds the set
     plan = plan_for(src, opts, placement)
     routes = RouteListeners()
+    pool = RowPool(src.threads)        # the CPU's threads: the routed experts and, on a CPU device, the dense layers
+    dense = modules_for(src.dense, src.device, src.dtype, pool, opts.activations)
     with Checkpoint.open(src.model_dir) as ckpt:
-        check_checkpoint(src.cfg, ckpt, experts_in_checkpoint=src.manifest is None)
+        check_checkpoint(src.cfg, ckpt, experts_in_checkpoint=src.manifest is None,
+                         dense_format=(src.manifest or {}).get("dense_format"))
+        reader = DenseReader(ckpt, "auto" if src.dense == "torch" else src.dense, src.manifest)
         with torch.device("meta"):
             routers = build_routers(src.cfg)
-        backend = build_backend(src, opts, plan, ckpt, routers, placement)
-        model = build_model(src, ckpt, routers, backend, routes)
+        backend = build_backend(src, opts, plan, ckpt, routers, placement, pool)
+        model = build_model(src, ckpt, routers, backend, routes, dense, reader)
+        for kind, why in reader.fallbacks.items():
+            warnings.warn(f"dense {kind}: {why}", stacklevel=2)
     info = LoadInfo(src.model_dir, src.experts, src.threads, plan)
     batching = BatchConfig(opts.max_batch, opts.max_batch_tokens, opts.kv_block_size,
                            max(1, plan.context // opts.kv_block_size), opts.prefix_cache)
@@ -111,7 +122,9 @@ def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:
     if manifest and manifest.get("moe_layers") != cfg.moe_layers:
         raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
                          f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
-    return Source(model_dir, cfg, manifest, fmt, dev, resolve_dtype(opts.dtype, dev), resolve_threads(opts.threads))
+    dense = "torch" if opts.dense == "auto" and fmt == "torch" else opts.dense
+    return Source(model_dir, cfg, manifest, fmt, dense, dev, resolve_dtype(opts.dtype, dev),
+                  resolve_threads(opts.threads))
 
 
 def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -> PlacementPlan:
@@ -139,13 +152,14 @@ def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -
 
 
 def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, ckpt: Checkpoint, routers: dict,
-                  placement: dict | None) -> ExpertBackend:
-    """The routed-expert backend: the store's memory-mapped layers, or layers converted from the checkpoint."""
+                  placement: dict | None, pool: RowPool) -> ExpertBackend:
+    """The routed-expert backend: the store's memory-mapped layers, or layers converted from the checkpoint.
+    The CPU kernels run on `pool`, synchronously when the CPU is the device (the dense layers use it too)."""
     stores = open_stores(src.model_dir, src.cfg) if src.manifest else None
     if src.experts == "torch":
         return build_torch_experts(src.cfg, ckpt, src.device, src.dtype, stores)
     stores = stores or build_stores(src.cfg, ckpt, src.experts)
-    return build_cpu_backend(src.cfg, stores, opts, plan, routers, src.device, src.dtype, src.threads, placement)
+    return build_cpu_backend(src.cfg, stores, opts, plan, routers, src.device, src.dtype, pool, placement)
 
 
 def store_manifest(model_dir: Path) -> dict | None:
@@ -176,13 +190,23 @@ def open_stores(model_dir: Path, cfg: ModelConfig) -> dict:
     return stores
 
 
-def check_checkpoint(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool = True) -> None:
+def check_checkpoint(cfg: ModelConfig, ckpt: Checkpoint, experts_in_checkpoint: bool = True,
+                     dense_format: str | None = None) -> None:
     """Every tensor the config implies is there with its shape, and nothing else is (before any weight is read).
-    Errors name the file and the first tensor in checkpoint order."""
+    Errors name the file and the first tensor in checkpoint order. dense_format: a store's (manifest) — an int4
+    --dense store names its dense linears as quant.dense.STORED_NAMES says (their shapes: DenseReader checks)."""
     expected = dict(dense_tensors(cfg))
     for layer in cfg.moe_layers if experts_in_checkpoint else ():
         expected.update(expert_tensors(cfg, layer))
-    _check_names(cfg, ckpt, set(expected))
+    names = set(expected)
+    if dense_format == "int4":
+        for name in [n for n in names if dense_kind(n) and n not in ckpt]:
+            names.discard(name)
+            module = name[: -len(".weight")]
+            names.update(n for part in ("weight", "uk_t") for n in stored_names(module, "int4", part)
+                         if n is not None and (part == "weight" or n in ckpt))
+            del expected[name]
+    _check_names(cfg, ckpt, names)
     for name, spec in expected.items():
         ckpt.check_shape(name, spec.shape)
 
@@ -202,21 +226,47 @@ def _check_names(cfg: ModelConfig, ckpt: Checkpoint, expected: set[str]) -> None
             f"describes ({len(unexpected)} such tensors); config.json does not match the weights")
 
 
-def build_model(src: Source, ckpt: Checkpoint, routers: dict, backend: ExpertBackend,
-                routes: RouteListeners) -> K2Model:
-    """The torch model on the meta device, then filled tensor by tensor (block-FP8 dequantized) on the device.
-    The routers given are the model's own (the backend's look-ahead holds them too), filled here."""
+def build_model(src: Source, ckpt: Checkpoint, routers: dict, backend: ExpertBackend, routes: RouteListeners,
+                dense: DenseModules, reader: DenseReader) -> K2Model:
+    """The torch model on the meta device, then filled: packed modules from the DenseReader (each once), every
+    other tensor from the checkpoint (block-FP8 dequantized) on the device. The routers given are the model's
+    own (the backend's look-ahead holds them too), filled here."""
     cfg, dev, dt = src.cfg, src.device, src.dtype
     r = cfg.rope
     rope = YarnRope(cfg.qk_rope_head_dim, r.theta, r.type, r.factor, r.original_max_position_embeddings,
                     r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim,
                     max_positions=min(cfg.max_position_embeddings, 8192), device=dev)
     with torch.device("meta"):
-        model = K2Model(cfg, rope, routers, backend, routes)
+        model = K2Model(cfg, rope, routers, backend, routes, dense)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedModule)}
+    for name, m in packed.items():
+        m.fill(reader, name)
     for name, spec in dense_tensors(cfg).items():
-        want = torch.float32 if name.endswith(FP32_SUFFIXES) else dt
-        set_tensor(model, name, ckpt.get(name, dtype=want, expect_shape=spec.shape).to(dev))
+        if _owner(name, packed):
+            continue
+        set_tensor(model, name, _tensor(ckpt, reader, name, spec, _dtype_of(name, dt, dense)).to(dev))
     return model.eval()
+
+
+def _owner(name: str, packed: dict) -> bool:
+    """Whether a packed module (or one above it, a whole MLP) holds tensor `name`."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in packed for i in range(1, len(parts)))
+
+
+def _dtype_of(name: str, dt: torch.dtype, dense: DenseModules) -> torch.dtype:
+    """The router in float32; with packed dense layers the embeddings stay bf16 (a lookup converts its rows);
+    everything else in the compute dtype."""
+    if name.endswith(FP32_SUFFIXES):
+        return torch.float32
+    return torch.bfloat16 if dense.packed and name == "model.embed_tokens.weight" else dt
+
+
+def _tensor(ckpt: Checkpoint, reader: DenseReader, name: str, spec, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor: as the checkpoint stores it, or (a dense linear of an int4 --dense store) dequantized."""
+    if name in ckpt or dense_kind(name) is None:
+        return ckpt.get(name, dtype=dtype, expect_shape=spec.shape)
+    return torch.from_numpy(reader.linear(name).dequantize().reshape(spec.shape)).to(dtype)
 
 
 def _tokenizer(model_dir: Path):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpu_attn import MLA, MLP, RMSNorm, Router, YarnRope
+from gpu_attn import MLA, RMSNorm, Router, YarnRope
 from gpu_attn.rope import softmax_scale
 from hybrid.core.config import ModelConfig
 from hybrid.runtime.batch import Batch, KVPool
+from hybrid.runtime.dense import DenseModules
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.moe import MoE, RouteObserver
 
@@ -42,13 +43,14 @@ def build_routers(cfg: ModelConfig) -> dict[int, Router]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rope: YarnRope, mlp: nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope: YarnRope, mlp: nn.Module, dense: DenseModules):
         super().__init__()
         r = cfg.rope
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
                              cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                             softmax_scale(cfg.qk_head_dim, r.type, r.factor, r.mscale_all_dim), rope)
+                             softmax_scale(cfg.qk_head_dim, r.type, r.factor, r.mscale_all_dim), rope,
+                             linear=dense.linear, kv_up=dense.kv_up)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
         self._moe = isinstance(mlp, MoE)
@@ -60,28 +62,29 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: YarnRope, mlps: list[nn.Module]):
+    def __init__(self, cfg: ModelConfig, rope: YarnRope, mlps: list[nn.Module], dense: DenseModules):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, mlps[i]) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, mlps[i], dense) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class K2Model(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: YarnRope, routers: dict[int, Router], experts: ExpertBackend,
-                 on_route: RouteObserver | None = None):
+                 on_route: RouteObserver | None = None, dense: DenseModules = DenseModules()):
         """routers: MoE layer -> Router (build_routers); experts: the routed-expert backend every MoE layer
-        calls; on_route: the routing observer (the engine's RouteListeners)."""
+        calls; on_route: the routing observer (the engine's RouteListeners); dense: how the dense linears and
+        MLPs are built (hybrid/runtime/dense.py: float torch modules, or packed ones)."""
         super().__init__()
-        mlps = [MoE(L, routers[L], MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts),
-                    experts, on_route) if cfg.is_moe_layer(L) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        mlps = [MoE(L, routers[L], dense.mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts),
+                    experts, on_route) if cfg.is_moe_layer(L) else dense.mlp(cfg.hidden_size, cfg.intermediate_size)
                 for L in range(cfg.num_hidden_layers)]
-        self.model = Backbone(cfg, rope, mlps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = Backbone(cfg, rope, mlps, dense)
+        self.lm_head = dense.linear(cfg.hidden_size, cfg.vocab_size)
 
     def hidden(self, batch: Batch, kv: KVPool) -> torch.Tensor:
         """The batch's tokens -> final-normed hidden [T, H]; their cache rows are written into kv."""
-        h = self.model.embed_tokens(batch.ids)
+        h = self.model.embed_tokens(batch.ids).to(self.model.norm.weight.dtype)   # the table may stay bf16
         for i, layer in enumerate(self.model.layers):
             h = layer(h, batch, kv.layer(i))
         return self.model.norm(h)
