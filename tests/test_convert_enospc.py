@@ -103,3 +103,18 @@ def test_disk_filling_up_mid_run_is_a_message_not_sigbus(src_and_ref, small_disk
     r = subprocess.run([sys.executable, "-m", "quant", *cmd], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert _tree(out) == _tree(ref)
+
+
+def test_verify_catches_a_flipped_byte(src_and_ref, tmp_path):
+    """A class that already behaved (issue 19): a flipped byte in a finished store fails `verify`."""
+    import shutil
+    from quant.verify import verify
+    _, ref = src_and_ref
+    store = tmp_path / "store"
+    shutil.copytree(ref, store)
+    layer = sorted((store / "experts").glob("*.safetensors"))[0]
+    data = bytearray(layer.read_bytes())
+    data[-100] ^= 0x01
+    layer.write_bytes(bytes(data))
+    report = verify(store)
+    assert not report["ok"], report

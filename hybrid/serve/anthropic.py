@@ -5,7 +5,9 @@
     assistant blocks: text | tool_use       -> assistant content + tool_calls (K2's tool-call section)
     tools [{name, description, input_schema}] -> OpenAI-style tools (K2's tool_declare turn)
     tool_choice auto | any | tool | none    -> not forced | forced any tool | forced this tool | tools hidden
-    stop_sequences, max_tokens (required), temperature (0..1), top_p, top_k, stream
+    output_config.format (json_schema)      -> the answer held to the schema, as OpenAI's response_format
+    stop_sequences, max_tokens (required), temperature (0..1), top_p, top_k, stream (the newest official
+    client no longer sends temperature/top_p/top_k; older clients and agent frameworks do)
 so both APIs render the same K2 chat template and parse the same tool-call format. Errors name the field
 the way Anthropic does (`messages.1.content.0.type`). Images and documents are refused (the model reads text
 only); thinking blocks in the history are dropped (K2's template renders none); `thinking` enabled is refused.
@@ -173,37 +175,51 @@ def _tools(body: dict) -> list[dict] | None:
         if not isinstance(t.get("input_schema"), dict):
             raise ApiError(400, f"tools.{i}.input_schema: a tool needs its input_schema (a JSON schema object), "
                                 f"got {t.get('input_schema')!r:.60}", f"tools.{i}.input_schema", "missing_schema")
-        fn = {"name": t["name"], "parameters": t["input_schema"]}
-        if isinstance(t.get("description"), str):
-            fn["description"] = t["description"]
+        fn = {"name": t["name"], **({"description": t["description"]} if isinstance(t.get("description"), str)
+                                    else {}), "parameters": t["input_schema"]}
         out.append({"type": "function", "function": fn})
     return out or None
 
 
+def _answer(body: dict) -> Schema | None:
+    """output_config.format: Anthropic's structured outputs ({"type": "json_schema", "schema": {...}})."""
+    config = body.get("output_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise bad("output_config", config, 'an object like {"format": {"type": "json_schema", "schema": {...}}}')
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format", fmt, '{"type": "json_schema", "schema": {a JSON schema object}}')
+    return Schema("output_config.format.schema", fmt["schema"])
+
+
 def _constraint(body: dict, tools: list[dict] | None, messages: list[dict]) -> tuple[list[dict] | None, Constraint | None]:
-    choice = body.get("tool_choice")
-    if choice is None:
-        return tools, None
-    kind = choice.get("type") if isinstance(choice, dict) else None
+    choice, answer = body.get("tool_choice"), _answer(body)
+    kind = "auto" if choice is None else choice.get("type") if isinstance(choice, dict) else None
     if kind not in ("auto", "any", "tool", "none"):
         raise bad("tool_choice", choice, '{"type": "auto" | "any" | "tool" | "none"}')
+    all_tools = tuple(Tool(t["function"]["name"], Schema(f"tools.{i}.input_schema", t["function"]["parameters"]))
+                      for i, t in enumerate(tools or []))
+    one = isinstance(choice, dict) and get_bool(choice, "disable_parallel_tool_use",
+                                                param="tool_choice.disable_parallel_tool_use")
+    first, calls = next_call_index(messages), 1 if one else MAX_PARALLEL_CALLS
     if kind == "none":
-        return None, None
+        return None, (Constraint(answer=answer) if answer else None)
     if kind == "auto":
-        return tools, None
+        return tools, (Constraint(answer=answer, tools=all_tools, max_calls=calls, first_index=first)
+                       if answer else None)
     if not tools:
         raise ApiError(400, f"tool_choice.type {kind!r} needs 'tools'", "tool_choice.type", "invalid_value")
-    all_tools = tuple(Tool(t["function"]["name"], Schema(f"tools.{i}.input_schema", t["function"]["parameters"]))
-                      for i, t in enumerate(tools))
-    one = get_bool(choice, "disable_parallel_tool_use", param="tool_choice.disable_parallel_tool_use")
     if kind == "tool":
         named = [t for t in all_tools if t.name == choice.get("name")]
         if not named:
             raise ApiError(400, f"tool_choice.name {choice.get('name')!r:.60} is not one of the tools "
                                 f"({', '.join(t.name for t in all_tools)})", "tool_choice.name", "invalid_value")
-        all_tools, one = tuple(named), True
-    return tools, Constraint(tools=all_tools, call_required=True, max_calls=1 if one else MAX_PARALLEL_CALLS,
-                             first_index=next_call_index(messages))
+        all_tools, calls = tuple(named), 1
+    return tools, Constraint(tools=all_tools, call_required=True, max_calls=calls, first_index=first)
 
 
 def _thinking(body: dict) -> None:

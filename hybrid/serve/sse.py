@@ -84,6 +84,8 @@ async def chat_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logp
             if ev.kind == "delta":
                 for k, e in enumerate(ev.payload):
                     yield chunk(ev.index, _chat_delta(e), samples=ev.samples if k == 0 else ())
+                if not ev.payload and ev.samples:       # tokens without text (specials, cut by a stop)
+                    yield chunk(ev.index, {}, samples=ev.samples)
             elif ev.kind == "end":
                 results[ev.index] = ev.payload
                 yield chunk(ev.index, {}, ev.payload.finish_reason)
@@ -113,7 +115,7 @@ async def text_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logp
             ev = await listen.get()
             if ev.kind == "delta":
                 text = "".join(e[1] for e in ev.payload)
-                if text:
+                if text or ev.samples:
                     yield chunk(ev.index, text, samples=ev.samples)
             elif ev.kind == "end":
                 results[ev.index] = ev.payload

@@ -12,8 +12,8 @@ the engine is called in one place, Worker._run.
 Per-token text work (UTF-8 assembly, stop strings, tool-call parsing) runs on the worker thread inside
 on_sample, so a stop string ends generation on the very token that completes it. Its results travel to
 the asyncio loop that submitted the job through an asyncio.Queue (call_soon_threadsafe), as events:
-    ("delta", [ToolCallStream events], [TokenSample])   text that may be sent now, and the samples of its
-                                                         tokens (only when logprobs were asked for)
+    ("delta", [ToolCallStream events], [TokenSample])   text that may be sent now, and the samples of the
+                                                         tokens since the last delta (logprobs asked for)
     ("end", Result)                        the job finished (not sent for a cancelled job)
     ("error", exception)                   engine.generate raised
     ("gone", None)                         put by the server itself when the client disconnected
@@ -49,7 +49,7 @@ class Result:
     content: str                  # text before the tool-call section (== text when tools are not parsed)
     tool_calls: list[dict] = field(default_factory=list)
     stop_sequence: str | None = None                          # the stop string that ended it, if one did
-    samples: list[TokenSample] = field(default_factory=list)  # of the tokens whose text was delivered
+    samples: list[TokenSample] = field(default_factory=list)  # every token's but the stop token's (logprobs)
 
 
 class _Output:
@@ -117,9 +117,9 @@ class Job:
         return taken
 
     def finish(self, out: list[int]) -> None:
-        events = self._out.finish()
-        if events:
-            self._post(("delta", events, self._take_samples()))
+        events, samples = self._out.finish(), self._take_samples()
+        if events or samples:         # samples of tokens without text of their own (specials) go out too
+            self._post(("delta", events, samples))
         text = "".join(self._out.pieces)
         content, calls = parse_tool_calls(text) if self.parse_tools else (text, [])
         if self._out.stopper.stopped or (out and out[-1] in self.stop_ids):
