@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import hybrid
@@ -94,6 +95,7 @@ class FakeEngine:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.cfg = SimpleNamespace(max_position_embeddings=4096, vocab_size=tokenizer.vocab_size)
+        self.device = torch.device("cpu")
         self.prompts: list[list[int]] = []
         self.samplings: list = []          # the SamplingParams of each generate call
         self.reset()

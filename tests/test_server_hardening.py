@@ -185,6 +185,11 @@ def _start_server(model_dir, *flags) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"the server did not start: {proc.stderr.read()}")
 
 
+# A random-weight model may stop at any token; this schema keeps every stream going for thousands of tokens.
+LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+    "type": "object", "required": ["s"], "properties": {"s": {"type": "string", "minLength": 5000}}}}}
+
+
 def test_ctrl_c_ends_every_stream_with_an_error_event_and_no_traceback(tiny_models):
     proc, url = _start_server(tiny_models("k2", "fp8"), "--shutdown-grace-s", "4")
     streams: dict[int, list[str]] = {}
@@ -193,7 +198,7 @@ def test_ctrl_c_ends_every_stream_with_an_error_event_and_no_traceback(tiny_mode
     def stream(i: int) -> None:
         lines = streams.setdefault(i, [])
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"story {i}"}], "max_tokens": 6000,
-                "temperature": 1.0, "stream": True}
+                "temperature": 1.0, "stream": True, "response_format": LONG}
         try:
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
                 it = r.iter_lines()

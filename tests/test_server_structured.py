@@ -49,9 +49,10 @@ def url(tiny):
                             for t in TOOLS), call_required=True, first_index=2), 64),
     (Constraint(answer=Schema("rf", NESTED), tools=(Tool("time.now", Schema("p", {"type": "object"})),)), 48),
 ])
-def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, overlap):
     tok = tiny.tokenizer
-    grammars = Grammars(tok, tiny.cfg.vocab_size)
+    grammars = Grammars(tok, tiny.cfg.vocab_size, overlap=overlap)
     grammar = grammars.compile(constraint)
     for seed in range(20):
         gen, mask, out = torch.Generator().manual_seed(seed), grammars.mask(grammar, budget), []
