@@ -30,7 +30,6 @@ from hybrid.serve.app import create_app
 from hybrid.serve.api import ApiError, parse_chat, parse_completion
 from hybrid.serve.streaming import StopMatcher, ToolCallStream
 from hybrid.serve.worker import LIVE_JOBS
-from hybrid.models.tiny import make_tiny
 from hybrid.runtime.sampler import TokenSample
 from hybrid.text.tokenizer import Tokenizer
 
@@ -136,9 +135,10 @@ class FakeEngine:
         return out
 
 
+# Shared by the other server test modules, which import them (each module gets its own instances).
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return hybrid.load(make_tiny(tmp_path_factory.mktemp("srv") / "m"), device="cpu", experts="torch")
+def tiny(tiny_models):
+    return hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ import anthropic
 import jsonschema
 import pytest
 
-import hybrid
 from hybrid.serve.anthropic import anthropic_id, k2_id
-from hybrid.serve.app import create_app
 from hybrid.text.chat import encode_chat, render_chat
-from test_server import MODEL, TOOL_OUTPUT, FakeEngine, client, serving
+from test_server import MODEL, TOOL_OUTPUT, client, fake, fake_server, real, tiny  # noqa: F401  (fixtures)
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"], "properties": {
     "city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
@@ -21,26 +19,8 @@ TOOLS = [{"name": "get-weather.v2", "description": "Weather in a city", "input_s
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
-
-
-@pytest.fixture(scope="module")
-def url(tiny):
-    with serving(create_app(tiny, MODEL, max_queue=8)) as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def fake(tiny):
-    engine = FakeEngine(tiny.tokenizer)
-    with serving(create_app(engine, MODEL, max_queue=8)) as u:
-        yield u, engine
-
-
-def claude(url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+def claude(base: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0, timeout=60)
 
 
 def test_tool_ids_travel_in_anthropic_form():
@@ -51,22 +31,22 @@ def test_tool_ids_travel_in_anthropic_form():
     assert k2_id("toolu_01A09q90qw90lq917835lq9") == "toolu_01A09q90qw90lq917835lq9"   # made elsewhere
 
 
-def test_text_answer_equals_the_openai_side(url, tiny):
-    msg = claude(url).messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=ASK,
+def test_text_answer_equals_the_openai_side(real, tiny):
+    msg = claude(real).messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=ASK,
                                       extra_body={"temperature": 0})
-    chat = client(url).chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
+    chat = client(real).chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
                                                messages=[{"role": "system", "content": "Be brief."}, *ASK])
     assert msg.type == "message" and msg.role == "assistant" and msg.model == MODEL
     assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == chat.choices[0].message.content
     assert msg.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat.choices[0].finish_reason]
     assert (msg.usage.input_tokens, msg.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                  chat.usage.completion_tokens)
-    count = claude(url).messages.count_tokens(model=MODEL, system="Be brief.", messages=ASK)
+    count = claude(real).messages.count_tokens(model=MODEL, system="Be brief.", messages=ASK)
     assert count.input_tokens == len(encode_chat(tiny.tokenizer, [{"role": "system", "content": "Be brief."}, *ASK]))
 
 
-def test_stop_sequence_is_reported(url):
-    c = claude(url)
+def test_stop_sequence_is_reported(real):
+    c = claude(real)
     sampling = {"temperature": 0, "top_p": 0.95}
     full = c.messages.create(model=MODEL, max_tokens=24, messages=ASK, extra_body=sampling)
     text = full.content[0].text
@@ -83,8 +63,8 @@ def _forced(c: anthropic.Anthropic, messages, **sampling):
                              extra_body={"temperature": 1.0, **sampling})
 
 
-def test_forced_tool_round_trip_on_the_random_model(url):
-    c = claude(url)
+def test_forced_tool_round_trip_on_the_random_model(real):
+    c = claude(real)
     first = _forced(c, ASK)
     uses = [b for b in first.content if b.type == "tool_use"]
     assert first.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get-weather.v2"
@@ -99,8 +79,8 @@ def test_forced_tool_round_trip_on_the_random_model(url):
     assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use") and answer.content
 
 
-def test_streaming_tool_call_equals_non_streaming(url):
-    c = claude(url)
+def test_streaming_tool_call_equals_non_streaming(real):
+    c = claude(real)
     plain = _forced(c, ASK, temperature=0)
     kinds = []
     with c.messages.stream(model=MODEL, max_tokens=64, messages=ASK, tools=TOOLS, extra_body={"temperature": 0},
@@ -115,10 +95,10 @@ def test_streaming_tool_call_equals_non_streaming(url):
 
 
 def test_scripted_tool_round_trip_renders_k2_history(fake, tiny):
-    url, engine = fake
+    real, engine = fake
     engine.reset()
     engine.script = TOOL_OUTPUT
-    c = claude(url)
+    c = claude(real)
     first = c.messages.create(model=MODEL, max_tokens=100, messages=ASK, tools=TOOLS)
     assert first.stop_reason == "tool_use"
     assert [b.type for b in first.content] == ["text", "tool_use", "tool_use"]
@@ -147,10 +127,10 @@ def test_scripted_tool_round_trip_renders_k2_history(fake, tiny):
 
 
 def test_scripted_tool_call_streams_input_json_deltas(fake):
-    url, engine = fake
+    real, engine = fake
     engine.reset()
     engine.script = TOOL_OUTPUT
-    with claude(url).messages.stream(model=MODEL, max_tokens=100, messages=ASK, tools=TOOLS) as s:
+    with claude(real).messages.stream(model=MODEL, max_tokens=100, messages=ASK, tools=TOOLS) as s:
         events = list(s)
         final = s.get_final_message()
     partial = [ev.delta.partial_json for ev in events
@@ -180,26 +160,26 @@ def test_scripted_tool_call_streams_input_json_deltas(fake):
     ({"max_tokens": 4, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
     ({"max_tokens": 4, "messages": ASK, "system": [{"type": "image"}]}, "system.0"),
 ])
-def test_bad_messages_requests_are_400_in_anthropic_shape(url, body, field):
+def test_bad_messages_requests_are_400_in_anthropic_shape(real, body, field):
     with pytest.raises(anthropic.BadRequestError) as e:
-        claude(url).post("/v1/messages", body={"model": MODEL, **body}, cast_to=object)
+        claude(real).post("/v1/messages", body={"model": MODEL, **body}, cast_to=object)
     err = e.value.body
     assert e.value.status_code == 400 and err["type"] == "error"
     assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"].startswith(field), err
 
 
-def test_wrong_model_and_unknown_path(url):
+def test_wrong_model_and_unknown_path(real):
     with pytest.raises(anthropic.BadRequestError, match="does not exist"):
-        claude(url).messages.create(model="claude-sonnet-4", max_tokens=4, messages=ASK)
+        claude(real).messages.create(model="claude-sonnet-4", max_tokens=4, messages=ASK)
     with pytest.raises(anthropic.NotFoundError) as e:
-        claude(url).post("/v1/messages/nope", body={}, cast_to=object)
+        claude(real).post("/v1/messages/nope", body={}, cast_to=object)
     assert e.value.body["error"]["type"] == "not_found_error"
 
 
-def test_output_config_json_schema_holds_the_answer(url):
+def test_output_config_json_schema_holds_the_answer(real):
     schema = {"type": "object", "required": ["answer", "sure"], "additionalProperties": False, "properties": {
         "answer": {"type": "string", "maxLength": 20}, "sure": {"type": "boolean"}}}
-    c = claude(url)
+    c = claude(real)
     for _ in range(5):
         msg = c.messages.create(model=MODEL, max_tokens=40, messages=ASK, extra_body={"temperature": 1.0},
                                 output_config={"format": {"type": "json_schema", "schema": schema}})

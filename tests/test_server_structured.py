@@ -9,12 +9,10 @@ import openai
 import pytest
 import torch
 
-import hybrid
 from hybrid.core.sampling import SamplingParams
-from hybrid.serve.app import create_app
 from hybrid.serve.grammar import Constraint, Grammars, Schema, Tool, lark
 from hybrid.text.chat import encode_chat, parse_tool_calls
-from test_server import CHAT, MODEL, client, serving
+from test_server import CHAT, MODEL, client, real, tiny  # noqa: F401  (real, tiny: fixtures)
 
 NESTED = {"type": "object", "additionalProperties": False, "required": ["name", "point", "tags"], "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -28,17 +26,6 @@ TOOLS = [{"type": "function", "function": {"name": "get-weather.v2", "descriptio
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "time.now", "parameters": {"type": "object", "properties": {},
                                                                                 "additionalProperties": False}}}]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
-
-
-@pytest.fixture(scope="module")
-def url(tiny):
-    with serving(create_app(tiny, MODEL, max_queue=32)) as u:
-        yield u
 
 
 # ---- the grammar on its own (no model): every seeded random walk ends in a valid document ---------------
@@ -84,8 +71,8 @@ def test_lark_of_a_forced_call_names_k2_markers_and_ids():
 
 
 # ---- live server, official client -----------------------------------------------------------------------
-def test_json_mode_always_parses(url):
-    c = client(url)
+def test_json_mode_always_parses(real):
+    c = client(real)
     for seed in range(20):
         r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"JSON please {seed}"}],
                                       response_format={"type": "json_object"}, max_tokens=24, temperature=1.0,
@@ -93,8 +80,8 @@ def test_json_mode_always_parses(url):
         jsonschema.validate(json.loads(r.choices[0].message.content), {"type": "object"})
 
 
-def test_nested_json_schema_always_parses_and_validates(url):
-    c = client(url)
+def test_nested_json_schema_always_parses_and_validates(real):
+    c = client(real)
     rf = {"type": "json_schema", "json_schema": {"name": "record", "schema": NESTED, "strict": True}}
     for seed in range(20):
         r = c.chat.completions.create(model=MODEL, messages=CHAT, response_format=rf, max_tokens=48,
@@ -103,8 +90,8 @@ def test_nested_json_schema_always_parses_and_validates(url):
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get-weather.v2"}}])
-def test_forced_tool_call_is_schema_valid(url, choice):
-    c = client(url)
+def test_forced_tool_call_is_schema_valid(real, choice):
+    c = client(real)
     history = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "functions.time.now:0", "type": "function", "function": {"name": "time.now", "arguments": "{}"}}]},
                {"role": "tool", "tool_call_id": "functions.time.now:0", "content": "12:00"}]
@@ -121,8 +108,8 @@ def test_forced_tool_call_is_schema_valid(url, choice):
             assert [t.function.name for t in msg.tool_calls] == ["get-weather.v2"]
 
 
-def test_forced_tool_call_streams_its_arguments(url):
-    chunks = list(client(url).chat.completions.create(
+def test_forced_tool_call_streams_its_arguments(real):
+    chunks = list(client(real).chat.completions.create(
         model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=64, temperature=1.0, seed=3, stream=True,
         tool_choice={"type": "function", "function": {"name": "get-weather.v2"}}))
     calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
@@ -150,15 +137,15 @@ def test_forced_tool_call_streams_its_arguments(url):
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "21"),
     ({"frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
 ])
-def test_bad_structured_requests_are_400_naming_the_field(url, extra, param, words):
+def test_bad_structured_requests_are_400_naming_the_field(real, extra, param, words):
     with pytest.raises(openai.BadRequestError) as e:
-        client(url).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, **extra)
+        client(real).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, **extra)
     assert e.value.status_code == 400 and e.value.body["param"] == param and words in e.value.body["message"]
 
 
 # ---- the small OpenAI gaps ------------------------------------------------------------------------------
-def test_penalties_and_top_k_are_applied_as_the_engine_does(url, tiny):
-    c = client(url)
+def test_penalties_and_top_k_are_applied_as_the_engine_does(real, tiny):
+    c = client(real)
     kw = dict(model=MODEL, messages=CHAT, max_tokens=32, temperature=0)
     want = SamplingParams(frequency_penalty=1.5, presence_penalty=0.5)
     out = tiny.generate(encode_chat(tiny.tokenizer, CHAT), 32, sampling=want)
@@ -179,8 +166,8 @@ def _reference(tiny, ids, n):
             [float(lp[len(ids) - 1 + i, t]) for i, t in keep])
 
 
-def test_chat_logprobs_match_the_sampled_tokens(url, tiny):
-    r = client(url).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
+def test_chat_logprobs_match_the_sampled_tokens(real, tiny):
+    r = client(real).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
                                             logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
     for t in content:                                        # greedy: the chosen token is the most likely one
@@ -190,8 +177,8 @@ def test_chat_logprobs_match_the_sampled_tokens(url, tiny):
     assert [t.logprob for t in content] == pytest.approx(want_lp, abs=1e-4)
 
 
-def test_completion_logprobs_and_streamed_logprobs(url, tiny):
-    c = client(url)
+def test_completion_logprobs_and_streamed_logprobs(real, tiny):
+    c = client(real)
     r = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     want_bytes, want_lp = _reference(tiny, tiny.tokenizer.encode("Once upon a time", allow_special=True), 8)
@@ -206,8 +193,8 @@ def test_completion_logprobs_and_streamed_logprobs(url, tiny):
     assert streamed == [t.logprob for t in full.choices[0].logprobs.content] and streamed
 
 
-def test_n_choices_are_seeded_per_choice(url):
-    c = client(url)
+def test_n_choices_are_seeded_per_choice(real):
+    c = client(real)
     kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0)
     r = c.chat.completions.create(**kw, n=3, seed=40)
     texts = [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]
