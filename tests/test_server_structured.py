@@ -205,3 +205,13 @@ def test_n_choices_are_seeded_per_choice(real):
     streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
                 for i in range(2)]
     assert streamed == texts[:2] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_logprobs_under_a_grammar_leave_out_forbidden_alternatives(real):
+    r = client(real).chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=24, temperature=0, logprobs=True, top_logprobs=20,
+        response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}})
+    assert r.choices[0].message.content in ("true", "false")
+    content = r.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) < 20 for t in content)     # only allowed tokens are listed
+    assert all(alt.logprob > float("-inf") for t in content for alt in t.top_logprobs)

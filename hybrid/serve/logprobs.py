@@ -7,6 +7,8 @@ A token that holds part of a UTF-8 character shows U+FFFD in "token"; "bytes" ha
 """
 from __future__ import annotations
 
+import math
+
 
 def _token(tok, t: int) -> tuple[str, list[int]]:
     raw = tok.decode_bytes([t])
@@ -18,8 +20,14 @@ def _entry(tok, t: int, lp: float) -> dict:
     return {"token": text, "logprob": lp, "bytes": raw}
 
 
+def _top(s) -> list[tuple[int, float]]:
+    """The alternatives a client can use: a grammar mask leaves forbidden tokens at -inf, which JSON cannot
+    carry (and which are not alternatives)."""
+    return [(t, lp) for t, lp in s.top if math.isfinite(lp)]
+
+
 def chat_logprobs(tok, samples) -> dict:
-    return {"content": [{**_entry(tok, s.token, s.logprob), "top_logprobs": [_entry(tok, t, lp) for t, lp in s.top]}
+    return {"content": [{**_entry(tok, s.token, s.logprob), "top_logprobs": [_entry(tok, t, lp) for t, lp in _top(s)]}
                         for s in samples], "refusal": None}
 
 
@@ -32,5 +40,5 @@ def completion_logprobs(tok, samples, offset: int = 0) -> dict:
         tokens.append(text)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
-            "top_logprobs": [{_token(tok, t)[0]: lp for t, lp in s.top} for s in samples],
+            "top_logprobs": [{_token(tok, t)[0]: lp for t, lp in _top(s)} for s in samples],
             "text_offset": offsets}
