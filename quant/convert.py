@@ -14,6 +14,7 @@ written through a memory map. The input is only read.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -109,7 +110,13 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
     shape = model_shape(read_config_dict(src, ConvertError), str(src / "config.json"))
     spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
     with Checkpoint.open(src) as ck:                # validates every shard header before any writing
-        return _convert(ck, src, out, spec, shape, threads, quiet, dense)
+        try:
+            return _convert(ck, src, out, spec, shape, threads, quiet, dense)
+        except OSError as e:                        # the disk filled up after the start-up check
+            if e.errno != errno.ENOSPC:
+                raise
+            state = _read_json(out / JOURNAL)       # what is finished: kept, and skipped by the rerun
+            raise _no_space(out, _bytes_left(ck, shape, spec, state), during=True) from None
 
 
 def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict, threads: int, quiet: bool,
@@ -121,14 +128,11 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
     if dense == "int4":
         params["dense_group_size"] = spec.group_size
     state = _prepare_output(out, params)
-    stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
     dense = [n for n in ck.names if not is_expert_tensor(n)]
     todo_layers = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
-    need = len(todo_layers) * shape["E"] * stride + (0 if state.get("dense") else _dense_bytes(ck, dense))
-    free = shutil.disk_usage(out).free
-    if need * 1.02 > free:
-        raise ConvertError(f"{out}: the conversion needs about {need / 2**30:.1f} GiB more but the disk has "
-                           f"{free / 2**30:.1f} GiB free; free space or choose another --output")
+    need = _bytes_left(ck, shape, spec, state)
+    if need * 1.02 > shutil.disk_usage(out).free:
+        raise _no_space(out, need)
     progress = _Progress(quiet, len(shape["moe_layers"]), len(shape["moe_layers"]) - len(todo_layers))
     _copy_side_files(src, out)
     if not state.get("dense"):
@@ -161,6 +165,24 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
                   f"conversion {peak.peak / 2**20:.0f} MiB anonymous (the memory-mapped input and output pages "
                   f"are file-backed and not counted: the kernel drops them under pressure)")
     return out
+
+
+def _bytes_left(ck: Checkpoint, shape: dict, spec: StoreSpec, state: dict) -> int:
+    """Bytes the conversion still has to write: the MoE layers the journal does not list, and the dense
+    tensors unless their pass is done."""
+    stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
+    todo = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
+    dense = 0 if state.get("dense") else _dense_bytes(ck, [n for n in ck.names if not is_expert_tensor(n)])
+    return len(todo) * shape["E"] * stride + dense
+
+
+def _no_space(out: Path, need: int, during: bool = False) -> ConvertError:
+    """The one disk-space message: at the start-up check, and when the disk fills up during the run."""
+    free = shutil.disk_usage(out).free
+    when = "the disk filled up during the conversion: " if during else ""
+    resume = "; what is finished is kept: rerun the same command to resume" if during else ""
+    return ConvertError(f"{out}: {when}the conversion needs about {need / 2**30:.1f} GiB more but the disk has "
+                        f"{free / 2**30:.1f} GiB free; free space or choose another --output{resume}")
 
 
 def _fingerprint(src: Path) -> dict:

@@ -11,6 +11,7 @@ it without a copy. Any safetensors reader can still open the file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -116,7 +117,8 @@ class LayerStore:
     def build_file(cls, path, spec: StoreSpec, n_experts: int, get_expert: Callable[[int], dict]) -> None:
         """build() straight into a layer file, expert by expert through a memory map, so converting a
         K2 layer (9.5 GB in INT4) never holds the layer in RAM. Written as PATH.tmp, flushed, fsynced and
-        renamed: PATH exists only complete."""
+        renamed: PATH exists only complete. The file's blocks are reserved before the map is written, so a
+        disk that fills up meanwhile raises OSError(ENOSPC) here instead of SIGBUS inside the map."""
         path = Path(path)
         head = _header(spec, n_experts)
         size = n_experts * make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
@@ -124,6 +126,7 @@ class LayerStore:
         with open(tmp, "wb") as f:
             f.write(head)
             f.truncate(len(head) + size)
+            _reserve(f.fileno(), len(head) + size)
         buf = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=len(head), shape=(size,))
         store = cls(spec, n_experts, buf, source=str(tmp))
         store._fill(get_expert)
@@ -203,6 +206,17 @@ class LayerStore:
         else:
             buf = np.fromfile(path, dtype=np.uint8, count=size, offset=start)
         return cls(spec, n, buf, source=str(path))
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Allocate the file's blocks now: writes through a memory map into a sparse file that the disk cannot
+    hold end in SIGBUS, with no message and no way to catch it. Filesystems without fallocate support are
+    left sparse (as before)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
 
 
 def _metadata(s: StoreSpec, n_experts: int) -> dict:

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import hybrid
@@ -29,7 +30,7 @@ from hybrid.serve.app import create_app
 from hybrid.serve.api import ApiError, parse_chat, parse_completion
 from hybrid.serve.streaming import StopMatcher, ToolCallStream
 from hybrid.serve.worker import LIVE_JOBS
-from hybrid.models.tiny import make_tiny
+from hybrid.runtime.sampler import TokenSample
 from hybrid.text.tokenizer import Tokenizer
 
 MODEL = "kimi-k2"
@@ -83,17 +84,19 @@ def wait_for(url: str, running: int, waiting: int, timeout: float = 20.0) -> Non
 
 
 class FakeEngine:
-    """Stands in for hybrid.Engine: emits the token ids of `script` (then <|im_end|>), one on_token each.
+    """Stands in for hybrid.Engine: emits the token ids of `script` (then <|im_end|>), one on_sample each.
 
     gate: if set, generate waits for it before the first token. endless: emit one token forever, until
-    on_token returns False (or max_new_tokens). fail_after: raise after that many tokens. `ended_by` says
+    on_sample returns False (or max_new_tokens). fail_after: raise after that many tokens. `ended_by` says
     why the last generate returned.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.cfg = SimpleNamespace(max_position_embeddings=4096, vocab_size=tokenizer.vocab_size)
+        self.device = torch.device("cpu")
         self.prompts: list[list[int]] = []
+        self.samplings: list = []          # the SamplingParams of each generate call
         self.reset()
 
     def reset(self):
@@ -107,9 +110,9 @@ class FakeEngine:
         return {"prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0,
                 "expert_activations": {"hot_set": 3, "cpu": 1, "device": 0, "total": 4}}
 
-    def generate(self, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, stop_ids=None,
-                 on_token=None):
+    def generate(self, ids, max_new_tokens, stop_ids=None, *, sampling=None, processors=(), on_sample=None):
         self.prompts.append(list(ids))
+        self.samplings.append(sampling)
         if self.gate is not None:
             assert self.gate.wait(30), "test gate never opened"
         tok = self.tokenizer
@@ -121,8 +124,8 @@ class FakeEngine:
             self.emitted = len(out)
             if len(out) == self.fail_after:
                 raise RuntimeError("boom: the expert kernel crashed")
-            if on_token(t) is False:
-                self.ended_by = "on_token"
+            if on_sample(TokenSample(t)) is False:
+                self.ended_by = "on_sample"
                 return out
             if t in stop_ids or len(out) >= max_new_tokens:
                 self.ended_by = "stop" if t in stop_ids else "length"
@@ -132,9 +135,10 @@ class FakeEngine:
         return out
 
 
+# Shared by the other server test modules, which import them (each module gets its own instances).
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return hybrid.load(make_tiny(tmp_path_factory.mktemp("srv") / "m"), device="cpu", experts="torch")
+def tiny(tiny_models):
+    return hybrid.load(tiny_models("k2", "fp8"), device="cpu", experts="torch")
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +254,12 @@ def test_tool_call_stream_sends_name_before_arguments_end():
     ({"model": MODEL, "messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": MODEL, "messages": CHAT, "stop": 5}, "stop"),
     ({"model": MODEL, "messages": CHAT, "seed": "1"}, "seed"),
-    ({"model": MODEL, "messages": CHAT, "n": 2}, "n"),
+    ({"model": MODEL, "messages": CHAT, "n": 0}, "n"),
+    ({"model": MODEL, "messages": CHAT, "n": 99}, "n"),
     ({"model": MODEL, "messages": CHAT, "tools": {"a": 1}}, "tools"),
-    ({"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+    ({"model": MODEL, "messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ({"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function",
+                                                                        "function": {"name": "nope"}}}, "tool_choice"),
     ({"model": "gpt-4", "messages": CHAT}, "model"),
     ({"messages": CHAT}, "model"),
 ])
@@ -266,7 +273,8 @@ def test_parse_chat_rejects_bad_fields(body, param):
 def test_parse_defaults_and_forms():
     req = parse_chat({"model": MODEL, "messages": [{"role": "developer", "content": "be brief"}, *CHAT],
                       "stop": "x", "tools": TOOLS, "tool_choice": "none"}, MODEL)
-    assert req.sampling.temperature == 0.6 and req.sampling.max_tokens is None and req.sampling.stop == ("x",)
+    g = req.generation
+    assert g.params.temperature == 0.6 and g.max_tokens is None and g.stop == ("x",)
     assert req.messages[0]["role"] == "system" and req.tools is None
     assert parse_completion({"model": MODEL, "prompt": [[1, 2]]}, MODEL).prompt == [1, 2]
     with pytest.raises(ApiError, match="one prompt per request"):
@@ -503,12 +511,12 @@ def test_disconnect_stops_generation_and_frees_slot(fake):
         for _ in range(3):
             next(it)
     wait_for(url, 0, 0)
-    assert engine.ended_by == "on_token" and engine.emitted < 4000
+    assert engine.ended_by == "on_sample" and engine.emitted < 4000
     engine.ended_by = None
     with pytest.raises(httpx.ReadTimeout):          # a non-streaming client that gives up
         post(url, "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 4000}, timeout=0.5)
     wait_for(url, 0, 0)
-    assert engine.ended_by == "on_token" and engine.emitted < 4000
+    assert engine.ended_by == "on_sample" and engine.emitted < 4000
     engine.endless = False
     r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=50)
     assert r.choices[0].message.content == "Hello there."

@@ -1,2 +1,2 @@
-"""`hybrid serve`: the OpenAI-compatible HTTP API over one engine (app, request validation, SSE, streaming
-text, the worker thread, metrics)."""
+"""`hybrid serve`: the OpenAI and Anthropic HTTP APIs over one engine (app, request validation, structured
+output, SSE, streaming text, the worker thread, shutdown, keys, metrics)."""

@@ -1,28 +1,31 @@
-"""`hybrid serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one Engine.
+"""`hybrid serve`: OpenAI- and Anthropic-compatible HTTP APIs (FastAPI + uvicorn) over one Engine.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with SSE streaming),
-GET /health, GET /metrics (Prometheus text). Errors use OpenAI's error object (server_api.ApiError).
+Endpoints: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, POST /v1/messages,
+POST /v1/messages/count_tokens (all generating ones with SSE streaming), GET /health, GET /metrics
+(Prometheus text). Errors come in the error object of the API called (errors.py); with an API key (auth.py)
+every endpoint but /health wants it.
 
-    request -> validate (server_api) -> K2 chat template (chat.encode_chat) -> context check (400)
-            -> Job into the FIFO (server_worker; 503 when full) -> engine.generate on the worker thread
-            -> per-token events (text, tool-call header, argument chunks) -> SSE chunks or one JSON body
+    request -> JSON body, bounded in size and nesting (body.py) -> validate (api.py / anthropic.py)
+            -> K2 chat template (chat.encode_chat) -> context check (400)
+            -> output constraint compiled (grammar.py; 400 naming the schema's field)
+            -> one Job per choice into the FIFO (worker.py; 503 when full) -> engine.generate on the worker
+            -> per-token events (text, tool-call header, argument chunks, samples)
+            -> SSE (sse.py, anthropic_sse.py) or one JSON body
 
-What the server needs of the engine (hybrid.Engine has it; tests pass fakes): `tokenizer`,
+What the server needs of the engine (hybrid.Engine has it; tests pass fakes): `tokenizer`, `device`,
 `cfg.max_position_embeddings`, `cfg.vocab_size`, `default_stop_ids()`, `stats()`, and
-`generate(ids, max_new_tokens, temperature=, top_p=, seed=, stop_ids=, on_token=)`.
-No authentication: the default bind is loopback.
+`generate(ids, max_new_tokens, stop_ids=, sampling=, processors=, on_sample=)`.
 
 Example:
-    $ hybrid serve --model /models/Kimi-K2-Instruct --port 8000        # no --model: the bundled tiny model
+    $ hybrid serve --model /models/Kimi-K2-Instruct --port 8000 --api-key sk-local
     >>> import openai
-    >>> c = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    >>> c = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
     >>> c.chat.completions.create(model="kimi-k2", messages=[{"role": "user", "content": "Hi"}], stream=True)
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 
@@ -30,54 +33,71 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid.text.chat import encode_chat
-from hybrid.serve.api import ApiError, Sampling, parse_chat, parse_completion
+from hybrid.serve.anthropic import message_body, parse_messages
+from hybrid.serve.anthropic_sse import message_events
+from hybrid.serve.api import ChatRequest, Generation, parse_chat, parse_completion
+from hybrid.serve.auth import ApiKey
+from hybrid.serve.body import json_body
+from hybrid.serve.drain import Drain
+from hybrid.serve.errors import ApiError, error_body
+from hybrid.serve.grammar import Constraint, Grammars
+from hybrid.serve.listen import Listen
 from hybrid.serve.metrics import RequestCounter, prometheus_text
-from hybrid.serve.sse import chat_chunks, engine_error, text_chunks, usage
+from hybrid.serve.sse import chat_body, chat_chunks, text_body, text_chunks
+from hybrid.serve.topk import TopK
 from hybrid.serve.worker import Job, QueueFull, Worker
+from hybrid.text.chat import encode_chat
 
 DEFAULT_MAX_BODY = 32 << 20    # K2's 128K-token context is ~0.5 MB of text; 32 MiB leaves room for tool schemas
 
 
 def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, api_key: str | None = None) -> FastAPI:
     """The ASGI app serving `engine`. The worker thread starts and stops with the app's lifespan.
 
     Args:
-        max_queue: requests that may wait while one runs; more get 503 (OpenAI error object).
+        max_queue: requests that may wait while one runs; more get 503.
         max_body_bytes: larger request bodies get 413.
+        api_key: when set, required on every endpoint but /health (Bearer or x-api-key); 401 otherwise.
     """
     if engine.tokenizer is None:
         raise ValueError("the model folder has no tokenizer (tiktoken.model, tokenizer_config.json); the "
                          "server needs one to render chats and return text. Copy them from the release.")
-    worker = Worker(engine, max_queue)
-    counter = RequestCounter()
+    worker, counter = Worker(engine, max_queue), RequestCounter()
+    # The next mask is computed on a helper thread while the step runs on a GPU; on a CPU-only engine the
+    # step has the cores, and the thread handoff (~200 us/token measured) cost more than the fill it hid.
+    grammars = Grammars(engine.tokenizer, engine.cfg.vocab_size, overlap=engine.device.type == "cuda")
+    drain = Drain(worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        drain.loop = asyncio.get_running_loop()
         worker.start()
         yield
         worker.close()
+        grammars.close()
 
     app = FastAPI(title="hybrid", lifespan=lifespan)
-    app.state.worker, app.state.counter = worker, counter
-    app.add_middleware(RequestCounter.Middleware, counter=counter)
-    api = _Api(engine, worker, served_model_name, max_body_bytes)
+    app.state.worker, app.state.counter, app.state.drain = worker, counter, drain
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
+    app.add_middleware(RequestCounter.Middleware, counter=counter)      # outermost: counts the 401s too
+    api = _Api(engine, worker, grammars, served_model_name, max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return JSONResponse(e.body(), e.status, headers=e.headers)
+        return JSONResponse(error_body(request.url.path, e), e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         err = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None,
                        "not_found" if e.status_code == 404 else None)
-        return JSONResponse(err.body(), e.status_code)
+        return JSONResponse(error_body(request.url.path, err), e.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(request, e):
         err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
-        return JSONResponse(err.body(), 500)
+        return JSONResponse(error_body(request.url.path, err), 500)
 
     app.get("/health")(api.health)
 
@@ -89,12 +109,15 @@ def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
     app.get("/v1/models/{model_id:path}")(api.model)
     app.post("/v1/chat/completions")(api.chat)
     app.post("/v1/completions")(api.completions)
+    app.post("/v1/messages")(api.messages)
+    app.post("/v1/messages/count_tokens")(api.count_tokens)
     return app
 
 
 class _Api:
-    def __init__(self, engine, worker: Worker, name: str, max_body: int):
-        self.engine, self.worker, self.name, self.max_body = engine, worker, name, max_body
+    def __init__(self, engine, worker: Worker, grammars: Grammars, name: str, max_body: int):
+        self.engine, self.worker, self.grammars = engine, worker, grammars
+        self.name, self.max_body = name, max_body
         self.tok, self.created = engine.tokenizer, int(time.time())
 
     async def health(self):
@@ -115,17 +138,16 @@ class _Api:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "hybrid",
                 "max_model_len": self.engine.cfg.max_position_embeddings}
 
+    # ---- OpenAI -----------------------------------------------------------------------------------
     async def chat(self, request: Request):
-        req = parse_chat(await _json_body(request, self.max_body), self.name)
-        try:     # off the event loop: a long prompt takes a while to tokenize
-            ids = await asyncio.to_thread(encode_chat, self.tok, req.messages, req.tools)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ApiError(400, f"messages cannot be rendered with K2's chat template: {e}", "messages",
-                           "invalid_value") from None
-        return await self._run(request, "chat", ids, req.sampling, parse_tools=req.tools is not None)
+        req = parse_chat(await json_body(request, self.max_body), self.name)
+        ids = await self._render(req)
+        listen = await self._start(request, ids, req, "messages")
+        meta = self._meta("chatcmpl-", "chat.completion")
+        return await self._respond(listen, req.generation, meta, chat_chunks, chat_body)
 
     async def completions(self, request: Request):
-        req = parse_completion(await _json_body(request, self.max_body), self.name)
+        req = parse_completion(await json_body(request, self.max_body), self.name)
         if isinstance(req.prompt, str):     # raw prompt: special-token names allowed, as K2's encode does
             ids = await asyncio.to_thread(self.tok.encode, req.prompt, allow_special=True)
         else:
@@ -134,71 +156,76 @@ class _Api:
             if bad:
                 raise ApiError(400, f"prompt token ids {bad[:5]} are outside this model's vocabulary "
                                f"[0, {vocab})", "prompt", "invalid_value")
-        return await self._run(request, "text", ids, req.sampling, parse_tools=False)
+        listen = await self._start_jobs(request, ids, req.generation, False, None, "prompt")
+        meta = self._meta("cmpl-", "text_completion")
+        return await self._respond(listen, req.generation, meta, text_chunks, text_body)
 
-    async def _run(self, request, kind: str, ids: list[int], s: Sampling, parse_tools: bool):
-        max_new = _budget(len(ids), s.max_tokens, self.engine.cfg.max_position_embeddings,
-                          "messages" if kind == "chat" else "prompt")
-        job = Job(ids, max_new, s, self.engine.default_stop_ids(), self.tok, parse_tools,
-                  asyncio.get_running_loop())
+    async def _respond(self, listen: Listen, gen: Generation, meta: dict, chunks, body):
+        logprobs = gen.params.logprobs is not None
+        if gen.stream:
+            return _sse(chunks(listen, meta, gen.include_usage, self.tok, logprobs))
         try:
-            self.worker.submit(job)
+            results = await listen.results()
+        finally:
+            listen.close()
+        return body(meta, results, self.tok, logprobs)
+
+    # ---- Anthropic --------------------------------------------------------------------------------
+    async def messages(self, request: Request):
+        req = parse_messages(await json_body(request, self.max_body), self.name)
+        ids = await self._render(req)
+        listen = await self._start(request, ids, req, "messages")
+        meta = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": self.name}
+        if req.generation.stream:
+            return _sse(message_events(listen, meta, len(ids)))
+        try:
+            results = await listen.results()
+        finally:
+            listen.close()
+        return message_body(meta, results[0])
+
+    async def count_tokens(self, request: Request):
+        req = parse_messages(await json_body(request, self.max_body), self.name, need_max_tokens=False)
+        return {"input_tokens": len(await self._render(req))}
+
+    # ---- shared -----------------------------------------------------------------------------------
+    def _meta(self, prefix: str, kind: str) -> dict:
+        return {"id": prefix + uuid.uuid4().hex, "object": kind, "created": int(time.time()), "model": self.name}
+
+    async def _render(self, req: ChatRequest) -> list[int]:
+        try:     # off the event loop: a long prompt takes a while to tokenize
+            return await asyncio.to_thread(encode_chat, self.tok, req.messages, req.tools)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ApiError(400, f"messages cannot be rendered with K2's chat template: {e}", "messages",
+                           "invalid_value") from None
+
+    async def _start(self, request, ids: list[int], req: ChatRequest, param: str) -> Listen:
+        return await self._start_jobs(request, ids, req.generation, req.tools is not None, req.constraint, param)
+
+    async def _start_jobs(self, request, ids: list[int], gen: Generation, parse_tools: bool,
+                          constraint: Constraint | None, param: str) -> Listen:
+        """One Job per choice, queued together; their processors (grammar mask, top-k) built off the loop."""
+        max_new = _budget(len(ids), gen.max_tokens, self.engine.cfg.max_position_embeddings, param)
+        processors = await asyncio.to_thread(self._processors, constraint, gen, max_new)
+        loop, stop_ids = asyncio.get_running_loop(), self.engine.default_stop_ids()
+        jobs = [Job(ids, max_new, gen.for_choice(i), gen.stop, stop_ids, self.tok, parse_tools, loop, procs, i)
+                for i, procs in enumerate(processors)]
+        try:
+            self.worker.submit(*jobs)
         except QueueFull as e:
             raise ApiError(503, f"The server is busy: {e}. Retry later.", None, "queue_full",
                            headers={"Retry-After": "1"}) from None
-        meta = {"id": ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-                "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self.name}
-        listen = _Listen(request, job, self.worker)
-        if s.stream:
-            chunks = chat_chunks if kind == "chat" else text_chunks
-            return StreamingResponse(chunks(listen, meta, s.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            res = await listen.result()
-        finally:
-            listen.close()
-        usage_ = usage(res)
-        if kind == "text":
-            choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
-        else:
-            msg = {"role": "assistant", "content": res.content or (None if res.tool_calls else "")}
-            if res.tool_calls:
-                msg["tool_calls"] = res.tool_calls
-            choice = {"index": 0, "message": msg, "finish_reason": res.finish_reason, "logprobs": None}
-        return {**meta, "choices": [choice], "usage": usage_}
+        return Listen(request, jobs, self.worker)
+
+    def _processors(self, constraint: Constraint | None, gen: Generation, max_new: int) -> list[tuple]:
+        """Each choice's own logits processors: the grammar mask (compiled once), then top-k."""
+        grammar = self.grammars.compile(constraint) if constraint is not None else None
+        return [((self.grammars.mask(grammar, max_new),) if grammar else ()) + ((TopK(gen.top_k),) if gen.top_k else ())
+                for _ in range(gen.n)]
 
 
-class _Listen:
-    """A job's events, seen from the request: also cancels the job when the client disconnects."""
-
-    def __init__(self, request: Request, job: Job, worker: Worker):
-        self.job, self._worker = job, worker
-        self._watch = asyncio.ensure_future(self._disconnect(request))
-
-    async def _disconnect(self, request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self._worker.cancel(self.job)
-        self.job.events.put_nowait(("gone", None))     # wakes whoever waits for this job's events
-
-    async def get(self) -> tuple:
-        return await self.job.events.get()
-
-    async def result(self):
-        while True:
-            kind, payload = await self.get()
-            if kind == "end":
-                return payload
-            if kind == "error":
-                raise engine_error(payload)
-            if kind == "gone":       # nobody will read the answer; 499 as nginx logs it
-                raise ApiError(499, "the client closed the request", None, "client_closed")
-
-    def close(self) -> None:
-        """Request over (done, failed or client gone): stop watching; a job still going is cancelled."""
-        self._watch.cancel()
-        self._worker.cancel(self.job)
+def _sse(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _budget(n_prompt: int, max_tokens: int | None, context: int, param: str) -> int:
@@ -213,20 +240,3 @@ def _budget(n_prompt: int, max_tokens: int | None, context: int, param: str) -> 
                        "completion). Please reduce the length of the prompt or of max_tokens.", param,
                        "context_length_exceeded")
     return max_tokens
-
-
-async def _json_body(request: Request, limit: int):
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes",
-                       None, "body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes", None, "body_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import collections
 import threading
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+              "/v1/models", "/health", "/metrics")
 
 
 class RequestCounter:
@@ -21,7 +22,9 @@ class RequestCounter:
             self.counts[(path if path in _ENDPOINTS else "other", status)] += 1
 
     class Middleware:
-        """Pure ASGI (not BaseHTTPMiddleware, which would get between a stream and its disconnect)."""
+        """Pure ASGI (not BaseHTTPMiddleware, which would get between a stream and its disconnect). An
+        exception that escapes the app becomes a 500 sent by Starlette's outermost layer, outside this one:
+        it is counted here as the 500 it will be."""
 
         def __init__(self, app, counter: "RequestCounter"):
             self.app, self.counter = app, counter
@@ -29,12 +32,20 @@ class RequestCounter:
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
+            started = False
 
             async def counted(message):
+                nonlocal started
                 if message["type"] == "http.response.start":
+                    started = True
                     self.counter.add(scope["path"], message["status"])
                 await send(message)
-            await self.app(scope, receive, counted)
+            try:
+                await self.app(scope, receive, counted)
+            except Exception:
+                if not started:
+                    self.counter.add(scope["path"], 500)
+                raise
 
 
 def _metric(lines: list, name: str, kind: str, help_: str, samples) -> None:

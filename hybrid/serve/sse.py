@@ -1,18 +1,20 @@
-"""Streaming responses: OpenAI's server-sent-event chunks, ending with `data: [DONE]`.
+"""OpenAI responses: one JSON body, or server-sent-event chunks ending with `data: [DONE]`.
 
-    chat:  chat.completion.chunk   delta {"role", "content": ""} first, then {"content": text} or
+    chat:  chat.completion.chunk   per choice: delta {"role", "content": ""} first, then {"content": text} or
                                    {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]}
                                    then {"tool_calls": [{"index", "function": {"arguments": chunk}}]} ...,
-                                   then {} with finish_reason; with stream_options.include_usage every chunk
-                                   carries "usage": null and a last chunk has no choices and the usage.
-    text:  text_completion         choices [{"index": 0, "text": chunk, "finish_reason", "logprobs": null}]
-An engine error mid-stream is sent as one `data: {"error": {...}}` event, then [DONE].
+                                   then {} with finish_reason; "logprobs" of the chunk's tokens when asked for;
+                                   with stream_options.include_usage every chunk carries "usage": null and a
+                                   last chunk has no choices and the usage.
+    text:  text_completion         choices [{"index", "text": chunk, "finish_reason", "logprobs"}]
+An engine error mid-stream, or a server shutdown, is sent as one `data: {"error": {...}}` event, then [DONE].
 """
 from __future__ import annotations
 
 import json
 
-from hybrid.serve.api import ApiError
+from hybrid.serve.listen import Listen, engine_error, shutdown_error
+from hybrid.serve.logprobs import chat_logprobs, completion_logprobs
 
 DONE = "data: [DONE]\n\n"
 
@@ -21,15 +23,28 @@ def sse(obj: dict) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
-def usage(res) -> dict:
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-            "total_tokens": res.prompt_tokens + res.completion_tokens}
+def usage(results) -> dict:
+    """Usage of a request's choices: the prompt once, the completions summed."""
+    prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def engine_error(e: Exception) -> ApiError:
-    if isinstance(e, ValueError):      # the engine's own input checks
-        return ApiError(400, f"generation refused: {e}", None, "invalid_value")
-    return ApiError(500, f"generation failed: {type(e).__name__}: {e}")
+def chat_body(meta: dict, results, tok, logprobs: bool) -> dict:
+    choices = []
+    for i, res in enumerate(results):
+        msg = {"role": "assistant", "content": res.content or (None if res.tool_calls else "")}
+        if res.tool_calls:
+            msg["tool_calls"] = res.tool_calls
+        choices.append({"index": i, "message": msg, "finish_reason": res.finish_reason,
+                        "logprobs": chat_logprobs(tok, res.samples) if logprobs else None})
+    return {**meta, "choices": choices, "usage": usage(results)}
+
+
+def text_body(meta: dict, results, tok, logprobs: bool) -> dict:
+    choices = [{"index": i, "text": res.text, "finish_reason": res.finish_reason,
+                "logprobs": completion_logprobs(tok, res.samples) if logprobs else None}
+               for i, res in enumerate(results)]
+    return {**meta, "choices": choices, "usage": usage(results)}
 
 
 def _chat_delta(ev: tuple) -> dict:
@@ -43,70 +58,88 @@ def _chat_delta(ev: tuple) -> dict:
     return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
 
 
-async def chat_chunks(listen, meta: dict, include_usage: bool):
+def _failure(ev) -> str | None:
+    """The error event that ends a stream, or None when the event does not end it badly."""
+    if ev.kind == "error":
+        return sse(engine_error(ev.payload).body())
+    if ev.kind == "shutdown":
+        return sse(shutdown_error().body())
+    return None
+
+
+async def chat_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logprobs: bool):
     base = {**meta, "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        c = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    def chunk(i: int, delta: dict, finish: str | None = None, samples=()) -> str:
+        lp = chat_logprobs(tok, samples) if logprobs and samples else None
+        c = {**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
         return sse({**c, "usage": None} if include_usage else c)
 
     async def body():
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, payload = await listen.get()
-            if kind == "delta":
-                for ev in payload:
-                    yield chunk(_chat_delta(ev))
-                continue
-            if kind == "gone":       # the client left; nothing more to send
+        for i in range(len(listen.jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        results = {}
+        while len(results) < len(listen.jobs):
+            ev = await listen.get()
+            if ev.kind == "delta":
+                for k, e in enumerate(ev.payload):
+                    yield chunk(ev.index, _chat_delta(e), samples=ev.samples if k == 0 else ())
+                if not ev.payload and ev.samples:       # tokens without text (specials, cut by a stop)
+                    yield chunk(ev.index, {}, samples=ev.samples)
+            elif ev.kind == "end":
+                results[ev.index] = ev.payload
+                yield chunk(ev.index, {}, ev.payload.finish_reason)
+            else:                    # gone: nothing more to send; error / shutdown: say so
+                if (failure := _failure(ev)) is not None:
+                    yield failure
                 return
-            if kind == "end":
-                yield chunk({}, payload.finish_reason)
-                if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(payload)})
-            else:
-                yield sse(engine_error(payload).body())
-            return
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(list(results.values()))})
 
-    async for text in _closing(listen, body):
+    async for text in closing(listen, body):
         yield text
 
 
-async def text_chunks(listen, meta: dict, include_usage: bool):
-    def chunk(text: str, finish: str | None = None) -> str:
-        c = {**meta, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+async def text_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logprobs: bool):
+    offsets = [0] * len(listen.jobs)
+
+    def chunk(i: int, text: str, finish: str | None = None, samples=()) -> str:
+        lp = completion_logprobs(tok, samples, offsets[i]) if logprobs and samples else None
+        offsets[i] += len(text)
+        c = {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": lp}]}
         return sse({**c, "usage": None} if include_usage else c)
 
     async def body():
-        while True:
-            kind, payload = await listen.get()
-            if kind == "delta":
-                text = "".join(ev[1] for ev in payload)
-                if text:
-                    yield chunk(text)
-                continue
-            if kind == "gone":       # the client left; nothing more to send
-                return
-            if kind == "end":
-                yield chunk("", payload.finish_reason)
-                if include_usage:
-                    yield sse({**meta, "choices": [], "usage": usage(payload)})
+        results = {}
+        while len(results) < len(listen.jobs):
+            ev = await listen.get()
+            if ev.kind == "delta":
+                text = "".join(e[1] for e in ev.payload)
+                if text or ev.samples:
+                    yield chunk(ev.index, text, samples=ev.samples)
+            elif ev.kind == "end":
+                results[ev.index] = ev.payload
+                yield chunk(ev.index, "", ev.payload.finish_reason)
             else:
-                yield sse(engine_error(payload).body())
-            return
+                if (failure := _failure(ev)) is not None:
+                    yield failure
+                return
+        if include_usage:
+            yield sse({**meta, "choices": [], "usage": usage(list(results.values()))})
 
-    async for text in _closing(listen, body):
+    async for text in closing(listen, body):
         yield text
 
 
-async def _closing(listen, body):
-    """body()'s chunks, then [DONE]; whatever ends the stream (done, error, client gone), the job is
+async def closing(listen: Listen, body, done: str = DONE):
+    """body()'s chunks, then `done`; whatever ends the stream (done, error, client gone), the jobs are
     released first (listen.close is synchronous, so a cancelled task still runs it)."""
     chunks = body()
     try:
         async for text in chunks:
             yield text
-        yield DONE
+        if done:
+            yield done
     finally:
         listen.close()
         await chunks.aclose()

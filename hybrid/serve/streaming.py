@@ -52,16 +52,18 @@ class StopMatcher:
     def __init__(self, stops=()):
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None     # the stop string that ended the text (Anthropic reports it)
         self._held = ""
 
     def push(self, piece: str) -> str:
         if self.stopped:
             return ""
         text = self._held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.stopped, self._held = True, ""
-            return text[:min(hits)]
+            return text[:at]
         keep = _partial_suffix(text, self.stops)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]

@@ -157,6 +157,13 @@ def encode_chat(tok, messages, tools=None, add_generation_prompt=True, *,
     return ids
 
 
+def next_call_index(messages: list[dict]) -> int:
+    """The IDX the next tool call gets in its id `functions.NAME:IDX`: K2 numbers calls from 0 across the
+    whole conversation (K2-REFERENCE §4.3), so it is the number of calls in earlier assistant turns."""
+    return sum(len(m.get("tool_calls") or []) for m in messages
+               if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list))
+
+
 # One call: id up to the argument marker (no '<|' inside), arguments up to the end marker. The
 # arguments may not run into the next call's begin marker, so one broken call does not swallow the next.
 _CALL_RE = re.compile(

@@ -199,6 +199,12 @@ class Tokenizer:
         return cls(ranks, specials, special_ids, bos=_config_token(config, "bos_token", "[BOS]"),
                    eos=_config_token(config, "eos_token", "[EOS]"), name=str(model_dir))
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding (K2's ranks, pattern and specials): what a grammar engine builds its token
+        masks from."""
+        return self._enc
+
     def token_id(self, name: str) -> int:
         """Id of a special token by name, e.g. "<|im_end|>"; KeyError naming it if unknown."""
         try:
