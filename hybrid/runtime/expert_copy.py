@@ -4,7 +4,7 @@
     copier.packed(store, e) -> PackedExpert       expert e's stored bytes (one slice) on the device
     copier.dequantized(store, e, dtype)           -> (gate [I, H], up [I, H], down [H, I]) in dtype, new tensors
     DecodeBuffer(spec, device, dtype).weights(p)  -> (gate, up, down) decoded into one reused buffer
-    decode_into(p, m, out)                        matrix m of p into out [r, c] (float32 or bfloat16)
+    DECODERS[name](p, m, out, pool)               matrix m of p into out [r, c] (float32 or bfloat16)
 
 Decoding equals LayerStore.dequantize(e)[m].to(dtype) bit for bit: each weight is code x scale computed in
 float32 (exact for INT4; the same IEEE product as numpy for FP8) and rounded to dtype once. Two decoders, by
@@ -12,9 +12,10 @@ where the bytes live (DECODERS):
 - "torch", on CUDA: elementwise ops on the device. INT4: a nibble mask (or shift) and one addcmul per half,
   about 3P + D bytes of memory traffic (P weights, D bytes of output); FP8: a conversion and a multiply by
   the block scales, P + 3D. The matmul that follows reads D. A fused decode kernel would make it P/2 + D.
-- "numba", on the CPU stand-in: cpu_experts' dequant_rows over the packed slice. torch's CPU kernels for
-  mixed-dtype and float8 elementwise ops are scalar: one K2 gate matrix took 66 ms (INT4) and 84 ms (FP8) in
-  torch against 18 and 26 ms in Numba, one thread each (measured on the 2-core development machine).
+- "numba", on the CPU stand-in: cpu_experts' dequant_rows over the packed slice, its rows split over torch's
+  thread count (cpu_experts' RowPool). torch's CPU kernels for mixed-dtype and float8 elementwise ops are
+  scalar: one K2 gate matrix took 66 ms (INT4) and 84 ms (FP8) in torch with 2 threads against 18 and 26 ms
+  in Numba with one (measured on the 2-core development machine).
 
 Copies on CUDA: the slice is memcpy'd into one of two pinned staging slots, reused (a slot is refilled once
 its previous transfer has finished: no pin_memory() per copy), and copied on the copier's own side stream. So
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from cpu_experts import bf16 as cpu_bf16, fp8 as cpu_fp8, int4 as cpu_int4
+from cpu_experts.pool import RowPool
 from hybrid.core.placement import packed_expert_bytes
 from quant.layout import MATRICES, make_layout, matrix_shape
 
@@ -75,7 +77,8 @@ class PackedExpert:
         return self.blob.numel()
 
 
-# ---- decoders: (p, matrix name, out [r, c]) -> None, out = LayerStore.dequantize's matrix in out.dtype ------
+# ---- decoders: (p, matrix name, out [r, c], pool) -> None: out = LayerStore.dequantize's matrix in out.dtype;
+# pool: a RowPool for the Numba decoder's rows (None: the calling thread), unused by the torch one ----------
 def _int4_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
     r, c = out.shape
     g = p.spec.group_size
@@ -110,18 +113,21 @@ _TORCH = {"int4": _int4_torch, "fp8": _fp8_torch, "bf16": _bf16_torch}
 _NUMBA = {"int4": cpu_int4.dequant_rows, "fp8": cpu_fp8.dequant_rows, "bf16": cpu_bf16.dequant_rows}
 
 
-def _torch_decode(p: PackedExpert, m: str, out: torch.Tensor) -> None:
+def _torch_decode(p: PackedExpert, m: str, out: torch.Tensor, pool: RowPool | None = None) -> None:
     _TORCH[p.spec.fmt](p, m, out)
 
 
-def _numba_decode(p: PackedExpert, m: str, out: torch.Tensor) -> None:
+def _numba_decode(p: PackedExpert, m: str, out: torch.Tensor, pool: RowPool | None = None) -> None:
     """The CPU kernels read the slice as a one-expert LayerStore buffer (host memory only)."""
     s = p.spec
     buf = p.blob.numpy()
     f32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
-    _NUMBA[s.fmt](buf, buf.view(np.uint16), buf.view(np.float32), np.int64(p.nbytes), _layout(s).offsets,
-                  np.int64(s.hidden), np.int64(s.inter), np.int64(s.group_size), 0, MATRICES.index(m), 0, 0,
-                  out.shape[0], f32.numpy())
+    args = (buf, buf.view(np.uint16), buf.view(np.float32), np.int64(p.nbytes), _layout(s).offsets,
+            np.int64(s.hidden), np.int64(s.inter), np.int64(s.group_size), 0, MATRICES.index(m), 0, f32.numpy())
+    if pool is None:
+        _NUMBA[s.fmt](*args[:-1], 0, out.shape[0], args[-1])
+    else:
+        pool.run(_NUMBA[s.fmt], args, out.shape[0])
     if f32 is not out:
         out.copy_(f32)                                      # float32 -> dtype: the reference's one rounding
 
@@ -134,9 +140,9 @@ def decoder_for(device: torch.device):
     return DECODERS["numba" if device.type == "cpu" else "torch"]
 
 
-def decode_into(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    """Matrix m ("gate" | "up" | "down") of p into out (on p's device, its shape, float32 or bfloat16)."""
-    decoder_for(out.device)(p, m, out)
+def _pool_for(device: torch.device) -> RowPool | None:
+    """Threads for the Numba decoder: as many as torch uses for the matmuls that follow (CPU only)."""
+    return RowPool(torch.get_num_threads()) if device.type == "cpu" else None
 
 
 class DecodeBuffer:
@@ -147,7 +153,7 @@ class DecodeBuffer:
     def __init__(self, spec, device: torch.device, dtype: torch.dtype):
         self.mats = tuple(torch.empty(matrix_shape(m, spec.hidden, spec.inter), dtype=dtype, device=device)
                           for m in MATRICES)
-        self._decode = decoder_for(device)
+        self._decode, self._pool = decoder_for(device), _pool_for(device)
 
     @property
     def nbytes(self) -> int:
@@ -155,7 +161,7 @@ class DecodeBuffer:
 
     def weights(self, p: PackedExpert) -> tuple[torch.Tensor, ...]:
         for m, out in zip(MATRICES, self.mats):
-            self._decode(p, m, out)
+            self._decode(p, m, out, self._pool)
         return self.mats
 
 
@@ -167,7 +173,7 @@ class ExpertCopier:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._decode = decoder_for(device)
+        self._decode, self._pool = decoder_for(device), _pool_for(device)
         self._slots: list[torch.Tensor | None] = [None] * self.SLOTS     # pinned uint8 staging buffers
         self._done: list[torch.cuda.Event | None] = [None] * self.SLOTS  # each slot's last transfer
         self._turn = 0
@@ -193,7 +199,7 @@ class ExpertCopier:
             mats = tuple(torch.empty(matrix_shape(m, store.spec.hidden, store.spec.inter), dtype=dtype,
                                      device=self.device) for m in MATRICES)
             for m, out in zip(MATRICES, mats):
-                self._decode(p, m, out)
+                self._decode(p, m, out, self._pool)
         if self.cuda:
             for t in mats:
                 t.record_stream(torch.cuda.current_stream(self.device))
