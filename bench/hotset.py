@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     print(f"# load average at start {os.getloadavg()[0]:.2f} (the host is shared: compare rows of one run)")
     print_hit_costs(a)
+    if not [x for x in a.budgets.split(",") if x]:
+        return                                           # --budgets '': the one-expert table alone
     import hybrid
     from hybrid.profile.report import write_placement
     from hybrid.profile.trace import record

@@ -20,7 +20,8 @@ def _store(fmt: str, hidden: int, inter: int, group: int = 32, n: int = 3, seed:
     """Random codes (every INT4 nibble, every non-NaN FP8 byte) and a different random scale per group/block."""
     rng = np.random.default_rng(seed)
     lay = make_layout(fmt, hidden, inter, group)
-    store = LayerStore(StoreSpec(fmt, hidden, inter, group), n, np.frombuffer(rng.bytes(n * lay.stride), np.uint8).copy())
+    buf = np.frombuffer(rng.bytes(n * lay.stride), np.uint8).copy()
+    store = LayerStore(StoreSpec(fmt, hidden, inter, group), n, buf)
     for e in range(n):
         for m in MATRICES:
             codes = store.section(e, m)
@@ -122,6 +123,7 @@ def test_copies_to_two_devices_run_on_their_own_streams():
 
 def test_packed_expert_views_are_typed():
     store = _store("fp8", 256, 128)
-    p = PackedExpert.of(store.spec, torch.from_numpy(np.array(store.expert_bytes(0)[:packed_expert_bytes("fp8", 256, 128)])))
+    n = packed_expert_bytes("fp8", 256, 128)
+    p = PackedExpert.of(store.spec, torch.from_numpy(np.array(store.expert_bytes(0)[:n])))
     assert p.sections["gate"].dtype == torch.uint8 and p.sections["gate"].shape == (128, 256)
     assert p.sections["down_scale"].dtype == torch.float32 and p.sections["down_scale"].shape == (2, 1)

@@ -124,7 +124,8 @@ def test_packed_hot_set_gives_the_same_logits_and_tokens_as_the_dequantized_one(
     assert torch.equal(lp, lb) and tp == tb                      # bit for bit: the same weights, the same ops
     assert ap == ab and ap["hot_set"] > 0 and hp["loads"] == hb["loads"] > 0
     assert pp.experts_per_layer == pb.experts_per_layer == 8     # a share: the same capacity in both forms
-    assert pp.expert_device_bytes == packed_expert_bytes(experts, 256, 128) < pb.expert_device_bytes == 3 * 256 * 128 * 4
+    assert pp.expert_device_bytes == packed_expert_bytes(experts, 256, 128)
+    assert pp.expert_device_bytes < pb.expert_device_bytes == 3 * 256 * 128 * 4
     assert hp["bytes_copied"] == hp["loads"] * pp.expert_device_bytes
     assert hb["bytes_copied"] == hb["loads"] * pb.expert_device_bytes
     assert pp.decode_buffer_bytes == 3 * 256 * 128 * 4 and pb.decode_buffer_bytes == 0

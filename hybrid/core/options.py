@@ -47,7 +47,7 @@ class RuntimeOptions:
     gpu_expert_budget: int | str = _opt(0, "device hot-set size: bytes, e.g. 2GiB, or a share of all routed "
                                            "experts, e.g. 25%% (0 = no hot set)", cli_type=_size)
     hot_set_format: str = _opt("auto", "how hot-set experts are kept on the device: packed = in the store's "
-                                       "format (INT4 or FP8 codes + scales, 3.4x smaller than bf16 for INT4), "
+                                       "format (INT4 or FP8 codes + scales, 3.6x smaller than bf16 for INT4), "
                                        "decoded per use into one reused buffer | bf16 = dequantized to the "
                                        "compute dtype (auto: packed for int4/fp8 experts, else bf16)",
                                ("auto", *HOT_SET_FORMATS))

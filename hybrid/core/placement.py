@@ -4,8 +4,8 @@ plan_placement() is a pure function of the config, the expert format, the contex
 it returns a frozen PlacementPlan that the loader applies once and `hybrid generate` prints at start-up.
 Hot-set experts are kept in one of two forms (hot_set_format): "packed", the store's own bytes (INT4 codes +
 scales, FP8 codes + block scales: 23.6 MiB per K2 expert in INT4), decoded per use into one buffer per device;
-or "bf16", dequantized to the compute dtype (84 MiB per K2 expert in bf16). Impossible requests (a context whose KV cache does not fit, a store larger than RAM) raise PlanError with
-the numbers.
+or "bf16", dequantized to the compute dtype (84 MiB per K2 expert in bf16). Impossible requests (a context whose
+KV cache does not fit, a store larger than RAM) raise PlanError with the numbers.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ HybridExperts is an ExpertBackend (hybrid/runtime/experts.py) that splits each l
       look-ahead: the routers of layers L+1 and L+2 applied to this h -> hints for their policies
     wait(ticket) -> CPU part + device part; then the copies the policy decided (load / evict), timed
 Resident experts are kept in one of two forms (hot_set_format, chosen by the placement plan):
-    packed  the store's bytes (INT4 codes + scales, or FP8 codes + block scales: 3.4x / 1.9x fewer bytes than
-            bf16), decoded for each use into one DecodeBuffer per device, then multiplied as below
+    packed  the store's bytes (INT4 codes + scales, or FP8 codes + block scales: 3.6x / 2.0x fewer bytes than
+            bf16 for K2), decoded for each use into one DecodeBuffer per device, then multiplied as below
     bf16    dequantized to the compute dtype once, at load
 Both multiply the same compute-dtype weights with the same ops, so tokens and logits do not depend on the form.
 Copies go through the device's ExpertCopier (hybrid/runtime/expert_copy.py): on CUDA the packed bytes are staged
