@@ -1,6 +1,7 @@
 """`hybrid plan`: the performance model and the placement on cases worked out on paper, the presets, the CLI's
 output and its errors, and calibration on this machine (small sizes)."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_hidden_link_time_does_not_bind():
 
 def test_model_cost_agrees_with_the_placement_byte_counts():
     cfg, _ = resolve_config("kimi-k2")
-    c = ModelCost.of(cfg, 2, "int4")
+    c = ModelCost.of(cfg, 2, "int4", hot_set_format="bf16")
     stored = c.embed_bytes + sum(a + f for _, a, f, _ in c.layers) + c.head_bytes - cfg.hidden_size * 2
     assert stored == dense_device_bytes(cfg, 2)                    # two computations, one answer
     assert c.expert_host == expert_host_bytes(cfg, "int4")
@@ -100,6 +101,45 @@ def test_model_cost_agrees_with_the_placement_byte_counts():
     # plus the norms (7168 + 1536 + 512 + 7168 after attention)
     attn = 1536 * 7168 + 64 * 192 * 1536 + 576 * 7168 + 64 * 256 * 512 + 7168 * 64 * 128 + 7168 + 1536 + 512 + 7168
     assert c.layers[5][1] == attn * 2
+    # packed (the default for int4): a resident expert is its stored slice, a hit still multiplies bf16 weights
+    p = ModelCost.of(cfg, 2, "int4")
+    assert p.packed_hot_set and p.expert_device == expert_host_bytes(cfg, "int4") == 24_772_608
+    assert p.expert_weights == p.decode_buffer == c.expert_device == c.expert_weights and c.decode_buffer == 0
+    assert p.hit_decode_params == 3 * 7168 * 2048 and c.hit_decode_params == 0
+
+
+def test_decode_time_packed_hits_pay_a_decode_per_use_and_copies_cross_as_stored():
+    packed = replace(HAND, packed_hot_set=True, expert_device=10, expert_weights=40, decode_buffer=40)
+    r = decode_time(packed, Rates(**{**RATES.__dict__, "decode": 20, "stage": 5}), hit=0.5, loads=0.5, context=10)
+    # MoE device side: (50 + 2 * .5 * 40) / 100 = 0.9, plus 2 * .5 hits decoding 20 params at 20/s = 1.0;
+    # CPU 1.0 -> MoE layer 3 + 1.1 + max(1.9, 1.0); copies: the 10 stored bytes, staged 0.5 * 10 / 5 = 1.0 s
+    # on the host (no decoding), 0.5 * 10 / 20 = 0.25 s on the link, hidden
+    assert r["seconds"] == pytest.approx(1.5 + 5.1 + (3 + 1.1 + 1.9) + 1.0) and r["link_s"] == pytest.approx(0.25)
+    assert r["terms_s"]["device memory bandwidth"] == pytest.approx(0.5 + 3.1 + 1.1 + 1.9)
+
+
+def test_packed_hot_set_keeps_a_decode_buffer_on_each_gpu():
+    # TOY with 5-byte packed experts and a 10-byte buffer: 90 bytes per GPU left for layers. c=2: GPU0 holds
+    # embed + L0 (60), L1 (40) does not fit; GPU1: L1 + L2 + head = 100 > 90. c=1: GPU1 = 35 + 35 + 20 = 90.
+    packed = replace(TOY, packed_hot_set=True, decode_buffer=10)
+    shares, cap = place(packed, _machine(), context=10, want=8)
+    assert cap == 1
+    g0, g1 = shares
+    assert (g0.hot_bytes, g0.free_bytes) == (0, 40)                  # no MoE layer here: no buffer shown
+    assert (g1.hot_bytes, g1.free_bytes) == (2 * 5 + 10, 0)          # two hot experts + the buffer
+    assert place(packed, _machine(), context=10, want=0)[1] == 0
+
+
+def test_k2_on_4xa100_holds_over_three_times_the_experts_packed():
+    cfg, _ = resolve_config("kimi-k2")
+    m = Machine(gpu=GPUS["A100-80GB"], n_gpus=4, ram=2**40, dram_bandwidth=614e9, sockets=2, cores=112,
+                **DEV_CALIBRATION)
+    caps = {f: place(ModelCost.of(cfg, 2, "int4", hot_set_format=f), m, 32768, 384)[1] for f in ("bf16", "packed")}
+    assert caps["bf16"] == 56 and caps["packed"] > 3 * caps["bf16"]
+    fp8 = place(ModelCost.of(cfg, 2, "fp8"), m, 32768, 384)[1]
+    assert caps["bf16"] < fp8 < caps["packed"]                      # FP8: 42 MiB per expert
+    with pytest.raises(ValueError, match="needs int4 or fp8 experts"):
+        ModelCost.of(cfg, 2, "bf16", hot_set_format="packed")
 
 
 def _machine(n_gpus=2, memory=100, **kw) -> Machine:
@@ -231,6 +271,8 @@ def test_cli_plan_k2_json(capsys):
     (["--cpu", "genoa"], "--gpus 4xA100-80GB"),
     (["--gpus", "H100", "--cpu", "genoa", "--hot-set", "lots"], "cannot read --hot-set"),
     (["--gpus", "H100", "--cpu", "genoa", "--config", "llama"], "unknown model 'llama'"),
+    (["--gpus", "H100", "--cpu", "genoa", "--format", "bf16", "--hot-set-format", "packed"],
+     "needs int4 or fp8 experts, but these are bf16"),
 ])
 def test_cli_plan_bad_input(capsys, args, message):
     assert main(["plan", "--calibration", "/nonexistent/cal.json", *args]) == 2
@@ -257,6 +299,9 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
                  "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
+    # the stand-in copies the packed bytes and decodes them with the Numba decoder that was timed
+    assert out["hot_set_format"] == "packed" and out["machine"]["packed_copies"] is True
+    assert out["machine"]["decode"]["fp8"] == out["machine"]["dequantize"]["fp8"] == fp8["dequantize_params_per_s"]
     assert out["machine"]["attn_rate"] == pytest.approx(mod["attn_gbs"] * 1e9)      # this shape was timed
     assert cal["device_side"]["memcpy_gbs"] > 0 and cal["device_side"]["h2d_gbs"] is None
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format",

@@ -1,7 +1,7 @@
 """`hybrid plan`: will a model run on a machine, where does each part live, and how fast will it go.
 
     hybrid plan --config kimi-k2 --gpus 4xA100-80GB --cpu 2xsapphire-rapids --ram 1TiB [--format int4]
-                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--json]
+                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--hot-set-format auto|packed|bf16] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
 The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
@@ -20,6 +20,7 @@ SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated o
 
 
 def add_plan_parser(sub) -> None:
+    from hybrid.core.placement import HOT_SET_FORMATS
     from hybrid.plan.hardware import GPUS, HOSTS
     p = sub.add_parser("plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
                        description=__doc__.split("\n\n")[0])
@@ -41,6 +42,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--trace", type=Path, help="routing trace (hybrid profile record/import/synth); default: synthetic")
     p.add_argument("--hot-set", default="auto", help="experts per MoE layer on the GPUs: auto (all free memory), "
                                                      "a share such as 10%%, or a count")
+    p.add_argument("--hot-set-format", default="auto", choices=["auto", *HOT_SET_FORMATS],
+                   help="hot experts kept packed (decoded per use) or dequantized, as the runtime's flag "
+                        "(auto: packed for int4/fp8)")
     p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
@@ -179,18 +183,21 @@ def cmd_plan(a) -> int:
     if a.calibrate:
         return _calibrate(a)
     from hybrid.plan.assumptions import HotSetCopies, render
+    from hybrid.core.placement import resolve_hot_set_format
     from hybrid.plan.known_models import resolve_config
     from hybrid.plan.planner import PlanRequest, make_plan
     cfg, label = resolve_config(a.config)
+    packed = resolve_hot_set_format(a.hot_set_format, a.format) == "packed"
     m, machine_notes = build_machine(a, cfg)
     transfer = parse_transfer(a.transfer_budget)
     trace, routing = trace_source(a, cfg)
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
-    copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format])
+    copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format], packed)
     policies = tuple(x for x in a.policies.split(",") if x)
     plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
                                  prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
-                                 assumptions=render([routing, *machine_notes, copies]), trace_label=routing.label()))
+                                 assumptions=render([routing, *machine_notes, copies]), trace_label=routing.label(),
+                                 hot_set_format=a.hot_set_format))
     print(json.dumps(_finite(plan.to_json()), indent=1) if a.json else plan.describe())
     return 0
 

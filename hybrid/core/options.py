@@ -12,6 +12,8 @@ from pathlib import Path
 
 from quant.formats import FORMAT_NAMES
 
+from hybrid.core.placement import HOT_SET_FORMATS, resolve_hot_set_format
+
 EXPERT_FORMATS = FORMAT_NAMES
 EXPERT_CHOICES = ("auto", *EXPERT_FORMATS, "torch")
 PREFETCH_CHOICES = ("auto", "off", "static", "lru", "lfu", "router")
@@ -45,6 +47,11 @@ class RuntimeOptions:
                         EXPERT_CHOICES)
     gpu_expert_budget: int | str = _opt(0, "device hot-set size: bytes, e.g. 2GiB, or a share of all routed "
                                            "experts, e.g. 25%% (0 = no hot set)", cli_type=_size)
+    hot_set_format: str = _opt("auto", "how hot-set experts are kept on the device: packed = in the store's "
+                                       "format (INT4 or FP8 codes + scales, 3.6x smaller than bf16 for INT4), "
+                                       "decoded per use into one reused buffer | bf16 = dequantized to the "
+                                       "compute dtype (auto: packed for int4/fp8 experts, else bf16)",
+                               ("auto", *HOT_SET_FORMATS))
     prefetch: str = _opt("auto", "hot-set policy (auto = router when the budget is non-zero)", PREFETCH_CHOICES)
     placement: str | Path | None = _opt(None, "placement.json for --prefetch static (hybrid profile writes one)",
                                         cli_type=Path)
@@ -80,6 +87,8 @@ class RuntimeOptions:
         if self.prefetch == "static" and self.placement is None:
             raise ValueError("prefetch='static' needs a placement file (placement=..., --placement FILE); "
                              "`hybrid profile` writes one")
+        if self.experts != "auto":       # an explicit format is known now; "auto" is checked once the store is read
+            resolve_hot_set_format(self.hot_set_format, self.experts)
         for name in ("threads", "context", "max_batch", "max_batch_tokens", "kv_block_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

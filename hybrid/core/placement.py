@@ -2,8 +2,10 @@
 
 plan_placement() is a pure function of the config, the expert format, the context and the memory sizes;
 it returns a frozen PlacementPlan that the loader applies once and `hybrid generate` prints at start-up.
-Impossible requests (a context whose KV cache does not fit, a store larger than RAM) raise PlanError with
-the numbers.
+Hot-set experts are kept in one of two forms (hot_set_format): "packed", the store's own bytes (INT4 codes +
+scales, FP8 codes + block scales: 23.6 MiB per K2 expert in INT4), decoded per use into one buffer per device;
+or "bf16", dequantized to the compute dtype (84 MiB per K2 expert in bf16). Impossible requests (a context whose
+KV cache does not fit, a store larger than RAM) raise PlanError with the numbers.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from quant.formats import bytes_per_matrix
+from quant.layout import SECTION_ALIGN, make_layout
 
 from hybrid.core.config import ModelConfig
 from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes
@@ -19,8 +22,40 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+HOT_SET_FORMATS = ("packed", "bf16")   # how a resident expert is kept: store bytes, or the compute dtype
+PACKABLE = ("int4", "fp8")              # store formats a packed hot set keeps (bf16 is its own packed form)
+
+
 class PlanError(ValueError):
     """The requested placement cannot work on this machine; the message carries the numbers."""
+
+
+def resolve_hot_set_format(requested: str, expert_format: str) -> str:
+    """"auto" | "packed" | "bf16" for experts stored in `expert_format` -> "packed" | "bf16".
+
+    auto: packed for int4 and fp8 experts, bf16 otherwise. packed with bf16 experts is an error: they have
+    no smaller form (and "torch" keeps every expert on the device, so it has no hot set)."""
+    if requested not in ("auto", *HOT_SET_FORMATS):
+        raise ValueError(f"hot_set_format={requested!r} is not one of auto, {', '.join(HOT_SET_FORMATS)}")
+    if requested == "auto":
+        return "packed" if expert_format in PACKABLE else "bf16"
+    if requested == "packed" and expert_format == "torch":
+        raise ValueError("hot_set_format='packed' (--hot-set-format packed) needs a hot set, but experts='torch' "
+                         "keeps every expert dequantized on the device: drop one of the two")
+    if requested == "packed" and expert_format not in PACKABLE:
+        raise ValueError(f"hot_set_format='packed' (--hot-set-format packed) keeps hot experts in their store "
+                         f"format, which needs int4 or fp8 experts, but these are {expert_format}: use "
+                         f"--hot-set-format auto or bf16, or convert the model with `hybrid-quant convert "
+                         f"--format int4` (or fp8)")
+    return requested
+
+
+def packed_expert_bytes(fmt: str, hidden: int, inter: int, group_size: int = 32) -> int:
+    """Device bytes of one expert kept packed: its stored sections as laid out in the store (quant/layout.py,
+    64-byte aligned), copied as one slice up to the end of its last section; the page padding stays behind."""
+    lay = make_layout(fmt, hidden, inter, group_size)
+    end = max(s.offset + s.nbytes for s in lay.sections.values())
+    return -(-end // SECTION_ALIGN) * SECTION_ALIGN
 
 
 def parse_size(text: str | int | float) -> int:
@@ -48,7 +83,7 @@ class PlacementPlan:
     device_memory: int          # bytes the plan may use on the device
     dense_bytes: int            # embeddings, attention, router, shared experts, dense MLPs, lm_head
     kv_cache_bytes: int         # compressed MLA cache for `context` tokens
-    expert_device_bytes: int    # one resident routed expert on the device (dequantized)
+    expert_device_bytes: int    # one resident routed expert on the device (packed, or in the compute dtype)
     experts_per_layer: int      # hot-set capacity of each MoE layer
     moe_layers: int
     n_routed_experts: int
@@ -57,10 +92,21 @@ class PlacementPlan:
     host_store_bytes: int       # all routed experts in host RAM
     host_memory: int
     mmap: bool
+    hot_set_format: str         # "packed" | "bf16" (resolve_hot_set_format)
+    decode_buffer_bytes: int    # packed: one expert in the compute dtype, the per-use decode target; bf16: 0
 
     @property
     def hot_set_bytes(self) -> int:
-        return self.experts_per_layer * self.moe_layers * self.expert_device_bytes
+        if not self.experts_per_layer:
+            return 0
+        return self.experts_per_layer * self.moe_layers * self.expert_device_bytes + self.decode_buffer_bytes
+
+    def hot_set_form(self) -> str:
+        """How one resident expert is kept, in words."""
+        if self.hot_set_format == "packed":
+            return (f"packed {self.expert_format}, {gib(self.expert_device_bytes)} each, decoded per use into one "
+                    f"{gib(self.decode_buffer_bytes)} buffer")
+        return f"dequantized, {gib(self.expert_device_bytes)} each"
 
     @property
     def hot_set_share(self) -> float:
@@ -71,7 +117,8 @@ class PlacementPlan:
             f"placement on {self.device} (context {self.context} tokens):",
             f"  device: dense weights {gib(self.dense_bytes)} + KV cache {gib(self.kv_cache_bytes)} + hot set "
             f"{gib(self.hot_set_bytes)} ({self.experts_per_layer}/{self.n_routed_experts} experts x "
-            f"{self.moe_layers} MoE layers, {self.hot_set_share:.0%}) of {gib(self.device_memory)}",
+            f"{self.moe_layers} MoE layers, {self.hot_set_share:.0%}; {self.hot_set_form()}) of "
+            f"{gib(self.device_memory)}",
             f"  host:   routed experts ({self.expert_format}) {gib(self.host_store_bytes)} of "
             f"{gib(self.host_memory)} RAM{' (memory-mapped)' if self.mmap else ''}",
         ])
@@ -91,15 +138,17 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
 
 def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_format: str, context: int,
                    device_memory: int, host_memory: int, gpu_expert_budget: int | str | float = 0,
-                   mmap: bool = False, group_size: int = 32) -> PlacementPlan:
+                   mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto") -> PlacementPlan:
     """Decide the placement. gpu_expert_budget: bytes (int or "2GiB") or a share of all routed experts
-    ("25%"); the hot set gets that much, capped by what the device has left after dense weights and KV."""
+    ("25%"); the hot set gets that much, capped by what the device has left after dense weights and KV (and,
+    packed, one decode buffer). hot_set_format: auto | packed | bf16 (resolve_hot_set_format)."""
     if context <= 0 or context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    form = resolve_hot_set_format(hot_set_format, expert_format)
     moe = len(cfg.moe_layers)
     dense = dense_device_bytes(cfg, dtype_bytes)
     kv = kv_cache_bytes(cfg, context, dtype_bytes)
-    per_expert_dev = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype_bytes
+    per_expert_dev, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
     host_one = expert_host_bytes(cfg, expert_format, group_size)
     host_store = host_one * cfg.n_routed_experts * moe
     fixed = dense + kv
@@ -113,11 +162,22 @@ def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_fo
         raise PlanError(
             f"the routed experts take {gib(host_store)} in {expert_format} but the host has {gib(host_memory)} "
             f"of RAM available; use a converted store (memory-mapped) or a smaller format such as int4")
-    capacity = _capacity(cfg, gpu_expert_budget, per_expert_dev, moe)
-    room = (device_memory - fixed) // max(1, per_expert_dev * moe) if moe else 0
+    capacity = _capacity(cfg, gpu_expert_budget, per_expert_dev, moe, buffer)
+    room = (device_memory - fixed - buffer) // max(1, per_expert_dev * moe) if moe else 0
     capacity = max(0, min(capacity, room, cfg.n_routed_experts))
     return PlacementPlan(device, dtype_bytes, context, device_memory, dense, kv, per_expert_dev, capacity, moe,
-                         cfg.n_routed_experts, expert_format, host_one, host_store, host_memory, mmap)
+                         cfg.n_routed_experts, expert_format, host_one, host_store, host_memory, mmap, form, buffer)
+
+
+def hot_expert_bytes(cfg: ModelConfig, expert_format: str, form: str, dtype_bytes: int,
+                     group_size: int = 32) -> tuple[int, int]:
+    """(device bytes of one resident expert, bytes of the decode buffer) for a hot set kept in `form`
+    ("packed" | "bf16", already resolved): packed keeps the stored slice and decodes into one expert's worth
+    of compute-dtype weights; bf16 keeps that dequantized form per expert and needs no buffer."""
+    dequantized = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype_bytes
+    if form == "packed":
+        return packed_expert_bytes(expert_format, cfg.hidden_size, cfg.moe_intermediate_size, group_size), dequantized
+    return dequantized, 0
 
 
 def share_of_experts(text, n_experts: int, what: str = "budget") -> int | None:
@@ -133,9 +193,10 @@ def share_of_experts(text, n_experts: int, what: str = "budget") -> int | None:
     return int(share * n_experts + 1e-9)
 
 
-def _capacity(cfg: ModelConfig, budget, per_expert_dev: int, moe: int) -> int:
+def _capacity(cfg: ModelConfig, budget, per_expert_dev: int, moe: int, buffer: int) -> int:
+    """Experts per layer the budget asks for: a share of them, or bytes (which include the decode buffer)."""
     n = share_of_experts(budget, cfg.n_routed_experts)
     if n is not None:
         return n
     b = parse_size(budget or 0)
-    return b // (per_expert_dev * moe) if moe else 0
+    return max(0, b - buffer) // (per_expert_dev * moe) if moe else 0

@@ -136,11 +136,18 @@ class Routing:
 
 @dataclass(frozen=True)
 class HotSetCopies:
-    """How a hot-set copy travels: packed bytes decoded on the GPU (`decode_s` None), or decoded on the host
-    first at `decode_s` seconds per expert."""
+    """How hot-set experts are kept and how a copy travels. packed: the stored bytes stay packed on the GPU and
+    are decoded for each use (`decode_s` then unused). Otherwise they are kept dequantized, and a copy's
+    packed bytes are decoded on the GPU (`decode_s` None) or on the host first, `decode_s` seconds per expert."""
     decode_s: float | None
+    packed: bool = False
 
     def describe(self) -> str:
+        if self.packed:
+            return ("hot-set experts stay packed on the GPU (the store's codes + scales) and are decoded into one "
+                    "buffer per GPU for each use, by torch elementwise ops at HBM speed (INT4 ~5, FP8 ~7 bytes of "
+                    "traffic per weight in bf16; a fused kernel would need ~2.5); a copy stages the packed bytes in "
+                    "pinned memory and they cross the link as they are")
         copy = ("the packed bytes are staged in pinned memory, cross the link and are decoded on the GPU"
                 if self.decode_s is None else f"decoded on the host first ({self.decode_s:.2f} s per expert)")
         return f"hot-set experts are stored dequantized on the GPU (compute dtype); a copy: {copy}"

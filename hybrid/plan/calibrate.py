@@ -5,8 +5,8 @@ What is measured (each figure is best of a few rounds; the host may be shared):
   kernel threads (the ceiling the CPU kernels are held against, KERNEL-NOTES);
 - per expert format: the CPU MoE's decode bandwidth on one-token calls with 8 random experts of K2's shape
   over the same-sized pool, and its fraction of the read loop ("kernel_efficiency"); prefill GFLOP/s per
-  thread (256 tokens over 64 experts); the host cost of turning one stored expert into a device copy
-  (LayerStore.dequantize + conversion to the compute dtype, what a hot-set load does);
+  thread (256 tokens over 64 experts); decoding one stored expert into float32 weights on the CPU stand-in
+  (hybrid/runtime/expert_copy.py's Numba decoder: what a bf16 hot-set load and each packed hot-set hit do);
 - the device side (torch on `device`: CUDA, or the CPU standing in for it): matrix-vector bandwidth over
   K2-shaped weights in the compute dtype, matmul FLOP/s at 512 tokens, host-to-device copy rate;
 - fixed costs, from the engine itself: decode of three tiny models of the same structure (2 dense layers;
@@ -65,10 +65,7 @@ def measure_cpu(pool_gib: float, threads: int, formats=FORMAT_NAMES, calls: int 
         reads.append(rb)
         gbs, dt = decode_bw(moe, store, calls, rng)
         pre = prefill(moe, store, rng, T=256, rounds=1)
-        t = time.perf_counter()
-        for e in range(5):
-            store.dequantize(e)
-        deq = (time.perf_counter() - t) / 5
+        deq = _decode_seconds(store)
         out["formats"][fmt] = {
             "decode_gbs": gbs, "decode_ms_per_call": dt * 1e3, "kernel_efficiency": gbs / rb,
             "prefill_gflops": pre["prefill GFLOP/s"], "prefill_gflops_per_thread": pre["prefill GFLOP/s"] / threads,
@@ -164,3 +161,18 @@ def load_calibration(path: str | Path | None = None) -> dict:
         raise ValueError(f"{p} is not a version-1 calibration (missing {missing or 'version'}); "
                          f"run `hybrid plan --calibrate` again")
     return data
+
+
+def _decode_seconds(store, rounds: int = 5) -> float:
+    """Seconds to decode one packed expert of `store` into the stand-in's float32 buffer (best of `rounds`)."""
+    import torch
+    from hybrid.runtime.expert_copy import DecodeBuffer, ExpertCopier
+    cpu = torch.device("cpu")
+    buf = DecodeBuffer(store.spec, cpu, torch.float32)
+    packed = [ExpertCopier(cpu).packed(store, e) for e in range(rounds)]
+    best = float("inf")
+    for p in packed:
+        t = time.perf_counter()
+        buf.weights(p)
+        best = min(best, time.perf_counter() - t)
+    return best

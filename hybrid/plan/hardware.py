@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from hybrid.plan.perf import Rates
+from hybrid.plan.perf import Rates, device_decode_rate
 from hybrid.core.placement import PlanError, parse_size
 from quant.formats import FORMAT_NAMES
 
@@ -120,6 +120,8 @@ class Machine:
     stage: float                           # B/s of staging a packed expert in pinned host memory
     dequantize: dict = field(default_factory=lambda: dict.fromkeys(FORMAT_NAMES, math.inf))
     packed_copies: bool = True             # packed bytes cross the link, decoded on the GPU (expert_copy.py)
+    decode: dict = field(default_factory=dict)   # params/s of decoding a packed hot expert per use, by format;
+                                           # absent: the torch decoder's memory traffic at HBM speed
     dram_efficiency: float = DEFAULTS["dram_efficiency"][0]
     numa_efficiency: float = 1.0
     hbm_efficiency: float = DEFAULTS["hbm_efficiency"][0]
@@ -141,6 +143,8 @@ class Machine:
         cpu_bw = self.dram_bandwidth * self.dram_efficiency * self.numa_efficiency * self.kernel_efficiency[fmt]
         return Rates(hbm=self.gpu.bandwidth * self.hbm_efficiency, cpu_experts=cpu_bw, link=self.gpu.link,
                      dequantize=self.dequantize[fmt], stage=self.stage, packed_copies=self.packed_copies,
+                     decode=self.decode.get(fmt) or device_decode_rate(fmt, self.dtype_bytes,
+                                                                       self.gpu.bandwidth * self.hbm_efficiency),
                      device_flops=self.gpu.flops * self.mfu,
                      cpu_flops=self.cpu_flops_per_core[fmt] * self.cores, token_s=self.token_s,
                      dense_layer_s=self.dense_layer_s, moe_layer_s=self.moe_layer_s, overlap=self.overlap,
@@ -222,10 +226,10 @@ def local_machine(cal: dict, cfg=None, fmt: str | None = None) -> Machine:
                   "hybrid plan --calibrate " + cal["created"])
     threads = int(cal["threads"])
     fields = from_calibration(cal)
-    if not cuda:      # the stand-in decodes copies with numpy on the host and copies the float weights
-        f = cal["cpu_side"]["formats"]
-        fields.update(stage=math.inf, packed_copies=False,
-                      dequantize={k: f[k]["dequantize_params_per_s"] for k in measured})
+    if not cuda:      # the stand-in copies the packed bytes (a memcpy) and decodes them with Numba on the same
+        f = cal["cpu_side"]["formats"]       # cores: at load (bf16 hot set) or at each use (packed hot set)
+        rates = {k: f[k]["dequantize_params_per_s"] for k in measured}
+        fields.update(stage=math.inf, packed_copies=True, dequantize=rates, decode=rates)
     notes = [f"measured on {cal['cpu']} ({threads} threads), {cal['created']}",
              "device side = torch on " + dv["device"] + ("" if cuda else " standing in for the GPU: it shares "
                                                           "cores and memory with the CPU experts")]
@@ -259,11 +263,11 @@ OVERRIDES = {
     "serial": ("float", 0, 1), "attn_rate": ("rate", 1, None), "ffn_rate": ("rate", 1, None),
     "dense_rate": ("rate", 1, None), "stage": ("rate", 1, None), "gpu_reserve": ("size", 0, None),
     "host_reserve": ("size", 0, None), "kernel_efficiency": ("float", 1e-3, 1),
-    "cpu_flops_per_core": ("float", 1, None), "dequantize": ("float", 1, None),
+    "cpu_flops_per_core": ("float", 1, None), "dequantize": ("float", 1, None), "decode": ("float", 1, None),
     "gpu_memory": ("size", 1, None), "hbm_bandwidth": ("rate", 1, None), "gpu_flops": ("float", 1, None),
     "pcie": ("rate", 1, None),
 }
-_PER_FORMAT = ("kernel_efficiency", "cpu_flops_per_core", "dequantize")
+_PER_FORMAT = ("kernel_efficiency", "cpu_flops_per_core", "dequantize", "decode")
 _GPU_FIELDS = {"gpu_memory": "memory", "hbm_bandwidth": "bandwidth", "gpu_flops": "flops", "pcie": "link"}
 
 

@@ -4,24 +4,29 @@ Everything is batch 1, one request, what `hybrid generate` and the server do. Sy
     B_attn, B_ffn   device weight bytes of attention (q/kv projections, o_proj) and of the dense MLP or the
                     shared expert + router, in the device compute dtype
     B_kv(c)         compressed KV read at context c: c * kv_cache_dim * dtype bytes
-    B_host, B_dev   one routed expert in the host store (int4/fp8/bf16) and as a device copy (compute dtype)
+    B_host, B_dev   one routed expert in the host store (int4/fp8/bf16) and as a resident device copy: its
+                    stored slice when the hot set is packed, else its weights in the compute dtype
+    B_w, P          one expert's weights in the compute dtype (what a hit's matmuls read), and its parameters
     k, h            experts per token, share of them served by the device hot set (from trace replay)
     n_load          hot-set loads per token per MoE layer (from trace replay; bounded by the transfer budget)
 Rates: W_hbm (device memory bandwidth reached by matrix-vector products), W_cpu = W_dram * kernel efficiency
 (the CPU kernels' measured fraction of the read loop), W_link (host-to-device copies), R_deq and R_stage (host
-work per copied expert: decoding, params/s, and staging, B/s), F_dev / F_cpu (FLOP/s ceilings), fixed costs o_tok,
+work per copied expert: decoding, params/s, and staging, B/s), R_dec (params/s of decoding a packed hot expert on
+the device for each use), F_dev / F_cpu (FLOP/s ceilings), fixed costs o_tok,
 o_dense, o_moe (Python, dispatch, syncs, the CPU call; measured by `hybrid plan --calibrate`).
 
 Decode, per token:
     dense layer:  o_dense + B_attn / W_attn + B_kv / W_hbm + B_ffn / W_dense
     MoE layer:    o_moe + B_attn / W_attn + B_kv / W_hbm + join(G, C)
-                  G = (B_ffn + k h B_dev) / W_ffn                    shared expert + hot-set experts (device)
+                  G = (B_ffn + k h B_w) / W_ffn [+ k h P / R_dec]    shared expert + hot-set experts (device;
+                                                                     the bracket when the hot set is packed)
                   C = k (1 - h) B_host / W_cpu                       missed experts on the CPU kernels
     token:        o_tok + B_head / W_hbm
     copies:       n = n_load * moe_layers experts per token: n (params / R_deq + B_host / R_stage) on the host
                   (serial: the engine waits for it), and n B / W_link on the link, B = B_host when the packed
                   bytes travel and are decoded on the device (CUDA; the decode itself, ~0.1 ms per K2 expert,
-                  is left out), B = B_dev when the host decodes (the CPU stand-in)
+                  is left out), B = B_dev when the host decodes; a packed hot set copies its slice as it is:
+                  n B_dev / R_stage on the host and n B_dev / W_link on the link, no decoding
 join(G, C) = max(G, C) + s min(G, C): s = 0 when the device and the CPU run at once (CUDA: the CPU call is
 submitted, the shared expert runs, then wait), s = 1 when they take turns; `hybrid plan --calibrate` measures
 s (on the CPU stand-in they share cores and the memory bus: s is near 1). W_attn, W_ffn, W_dense are W_hbm
@@ -32,7 +37,7 @@ Prefill, per chunk of T tokens starting at position s (MLA's expanded form over 
     device:  max(FLOP_dev / F_dev, bytes_dev / W_hbm) per layer; FLOP_dev = 2 T params + attention
              (2 T (s + T/2) heads (d_qk + d_v)) + the kv_b expansion of the s earlier rows
              (2 s kv_lora heads (d_nope + d_v); the T new rows are in 2 T params)
-             + hot-set experts: 6 H I T k h FLOPs, D(n_hot, k h, T) B_dev bytes
+             + hot-set experts: 6 H I T k h FLOPs, D(n_hot, k h, T) B_w bytes [+ D(n_hot, k h, T) P / R_dec]
     CPU:     max(6 H I T k (1 - h) / F_cpu, D(E - n_hot, k (1 - h), T) B_host / W_cpu), where
              D(n, a, T) = n (1 - (1 - a/n)^T) distinct experts of n touched by T tokens (uniform routing)
     joined per MoE layer as for decode, plus o_moe / o_dense per layer, and per chunk o_tok + the lm_head
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 from quant.formats import bytes_per_matrix
 
 from hybrid.core.config import ModelConfig
+from hybrid.core.placement import hot_expert_bytes, resolve_hot_set_format
 from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes, numel
 
 
@@ -62,6 +68,7 @@ class Rates:
     device_flops: float         # F_dev, FLOP/s reached in prefill matmuls
     cpu_flops: float            # F_cpu, FLOP/s of the CPU expert kernels in prefill
     stage: float = math.inf     # R_stage, B/s of staging the packed bytes in pinned host memory (serial)
+    decode: float = math.inf    # R_dec, params/s of decoding a packed hot expert on the device, per use
     packed_copies: bool = False # the packed bytes cross the link (CUDA), else the decoded copy does
     token_s: float = 0.0        # o_tok
     dense_layer_s: float = 0.0  # o_dense
@@ -87,15 +94,23 @@ class ModelCost:
     embed_bytes: int                            # the whole embedding table (stored, not read per token)
     kv_bytes_per_token: int                     # per layer
     expert_host: int                            # B_host
-    expert_device: int                          # B_dev
+    expert_device: int                          # B_dev: one resident expert (packed slice or compute dtype)
     expert_params: int                          # 3 H I
     top_k: int
     n_experts: int
     attn_flops_per_pair: int                    # 2 heads (d_qk + d_v): one query against one cached token
     kvb_flops_per_token: int                    # 2 kv_lora heads (d_nope + d_v): expanding one cached token
+    packed_hot_set: bool = False                # hot experts stay packed, decoded per use (B_dev = stored slice)
+    expert_weights: int | None = None           # B_w: one expert in the compute dtype (default B_dev)
+    decode_buffer: int = 0                      # packed: the decode buffer on each GPU (one expert, B_w)
+
+    def __post_init__(self):
+        if self.expert_weights is None:
+            object.__setattr__(self, "expert_weights", self.expert_device)
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, group_size: int = 32) -> "ModelCost":
+    def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, group_size: int = 32,
+           hot_set_format: str = "auto") -> "ModelCost":
         attn = [0] * cfg.num_hidden_layers
         ffn = [0] * cfg.num_hidden_layers
         params_l = [0] * cfg.num_hidden_layers
@@ -110,12 +125,20 @@ class ModelCost:
                 head += nbytes
         params = sum(r * c for r, c in expert_shapes(cfg))
         host = sum(bytes_per_matrix(expert_format, r, c, group_size) for r, c in expert_shapes(cfg))
+        form = resolve_hot_set_format(hot_set_format, expert_format)
+        resident, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
         nh = cfg.num_attention_heads
         return cls(tuple((cfg.is_moe_layer(L), attn[L], ffn[L], params_l[L]) for L in range(cfg.num_hidden_layers)),
                    head, cfg.vocab_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size * dtype_bytes,
-                   cfg.kv_cache_dim * dtype_bytes, host, params * dtype_bytes, params, cfg.num_experts_per_tok,
+                   cfg.kv_cache_dim * dtype_bytes, host, resident, params, cfg.num_experts_per_tok,
                    cfg.n_routed_experts, 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim),
-                   2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+                   2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                   form == "packed", params * dtype_bytes, buffer)
+
+    @property
+    def hit_decode_params(self) -> int:
+        """Parameters decoded on the device for each hot-set hit (P when packed, else none)."""
+        return self.expert_params if self.packed_hot_set else 0
 
     @property
     def moe_layers(self) -> int:
@@ -146,7 +169,7 @@ def decode_time(c: ModelCost, r: Rates, hit: float, loads: float, context: int) 
             total += r.dense_layer_s + a + t_ffn
             dev, fixed = dev + a + t_ffn, fixed + r.dense_layer_s
             continue
-        g = (ffn + c.top_k * hit * c.expert_device) / r.ffn
+        g = (ffn + c.top_k * hit * c.expert_weights) / r.ffn + c.top_k * hit * c.hit_decode_params / r.decode
         cc = c.top_k * (1 - hit) * c.expert_host / r.cpu_experts
         total += r.moe_layer_s + a + join(g, cc, r.serial)
         dev, cpu, fixed = dev + a + g, cpu + cc, fixed + r.moe_layer_s
@@ -181,9 +204,12 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
             dev_fl = attn_fl + 2 * T * params
             dev_bytes = attn + ffn + kv
             cpu_t = 0.0
+            decode_t = 0.0
             if moe:
                 dev_fl += 2 * c.expert_params * T * k * hit
-                dev_bytes += distinct(resident, k * hit, T) * c.expert_device
+                hot = distinct(resident, k * hit, T)            # each decoded once per chunk, when packed
+                dev_bytes += hot * c.expert_weights
+                decode_t = hot * c.hit_decode_params / r.decode
                 cpu_fl = 2 * c.expert_params * T * k * (1 - hit)
                 cpu_by = distinct(E - resident, k * (1 - hit), T) * c.expert_host
                 cf, cb = cpu_fl / r.cpu_flops, cpu_by / r.cpu_experts
@@ -192,6 +218,8 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
             df, db = dev_fl / r.device_flops, dev_bytes / r.hbm
             dev_t = max(df, db)
             terms["device compute" if df >= db else "device memory bandwidth"] += dev_t
+            terms["device memory bandwidth"] += decode_t
+            dev_t += decode_t
             o = r.moe_layer_s if moe else r.dense_layer_s
             terms["fixed costs"] += o
             total += o + join(dev_t, cpu_t, r.serial)
@@ -203,8 +231,18 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
 
 def copy_time(c: ModelCost, r: Rates, n: float) -> tuple[float, float]:
     """(serial host seconds, link seconds) of n expert copies: host decode and staging, then the transfer."""
+    if c.packed_hot_set:                 # the stored slice is staged and crosses as it is: nothing to decode
+        return n * c.expert_device / r.stage, n * c.expert_device / r.link
     host = n * (c.expert_params / r.dequantize + c.expert_host / r.stage)
     return host, n * (c.expert_host if r.packed_copies else c.expert_device) / r.link
+
+
+def device_decode_rate(fmt: str, dtype_bytes: int, hbm: float) -> float:
+    """R_dec on a GPU: params/s of hybrid/runtime/expert_copy.py's torch decoder, bound by its memory traffic
+    per weight at `hbm` B/s. INT4: the codes read twice (1 B), one byte per nibble written and read (2 B), the
+    output written; FP8: the code read, the output written, then read and written by the scale multiply."""
+    per_param = {"int4": 3 + dtype_bytes, "fp8": 1 + 3 * dtype_bytes, "bf16": 2 + dtype_bytes}[fmt]
+    return hbm / per_param
 
 
 def distinct(n: int, per_token: float, T: int) -> float:

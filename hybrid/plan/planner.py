@@ -4,8 +4,9 @@
                                                     (pure given a trace; Plan.describe() / .to_json())
 
 Steps: bytes of the model under this runtime's placement (hybrid.plan.perf.ModelCost: dense weights and the KV
-cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts dequantized on
-the GPUs) -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
+cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts on the GPUs
+packed (with one decode buffer per GPU) or dequantized, as the runtime keeps them)
+-> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
 layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
 through hybrid.core.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
 seconds per token from hybrid.plan.perf with the machine's rates.
@@ -40,6 +41,7 @@ class GpuShare:
     free_bytes: int
 
     def describe(self, moe_on_gpu: int, per_layer: int) -> str:
+        """One line: what this GPU holds (its hot set includes the decode buffer of a packed hot set)."""
         parts = (["embeddings"] if self.embed else []) + \
             ([f"layers {self.first_layer}-{self.last_layer}"] if self.last_layer >= self.first_layer else []) + \
             (["lm_head"] if self.head else [])
@@ -68,6 +70,8 @@ class Plan:
     rows: tuple[dict, ...]           # one per policy: hit rates, loads, decode / prefill predictions
     assumptions: tuple[str, ...]
     moe_layer_ids: tuple[int, ...]
+    hot_set_format: str = "bf16"     # "packed" | "bf16": how a resident expert is kept (resolve_hot_set_format)
+    decode_buffer_bytes: int = 0     # packed: one expert in the compute dtype on each GPU, the decode target
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -91,7 +95,7 @@ class Plan:
             lines.append(f"  GPU {len(self.gpus)}-{m.n_gpus - 1}: unused (everything fits on fewer GPUs)")
         lines.append(f"  hot set: {self.experts_per_layer} of {self.n_experts} experts in each of {self.moe_layers} "
                      f"MoE layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
-                     f"{gib(self.expert_device_bytes)} each on the GPU (dequantized)"
+                     f"{gib(self.expert_device_bytes)} each on the GPU ({self._form()})"
                      + (f"; capped by GPU memory (asked {self.hot_set_request})" if self.hot_set_capped else ""))
         lines.append(f"  host: routed experts ({self.expert_format}) {gib(self.host_store_bytes)} + reserve "
                      f"{gib(m.host_reserve)} = {gib(self.host_needed_bytes)} of {gib(m.ram)} RAM")
@@ -112,6 +116,13 @@ class Plan:
         return "\n".join(lines)
 
 
+    def _form(self) -> str:
+        if self.hot_set_format == "packed":
+            return (f"packed {self.expert_format}, decoded per use into a {gib(self.decode_buffer_bytes)} buffer "
+                    f"per GPU")
+        return "dequantized"
+
+
 def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple[int, int]:
     """(store bytes, bytes needed); PlanError with what would fit when RAM is too small."""
     store = cost.expert_host * cost.n_experts * cost.moe_layers
@@ -130,7 +141,9 @@ def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple
 def split_layers(cost: ModelCost, m: Machine, context: int, cap: int) -> list[GpuShare] | None:
     """Contiguous layers per GPU, filled in order (embeddings first, lm_head last) with `cap` hot experts per
     MoE layer; None when they do not fit."""
-    usable = m.gpu.memory - m.gpu_reserve
+    full = m.gpu.memory - m.gpu_reserve
+    buf = cost.decode_buffer if cap else 0       # a packed hot set's decode buffer, room kept on every GPU
+    usable = full - buf
     kv = context * cost.kv_bytes_per_token
     items = [("embed", cost.embed_bytes, 0, 0)] + [
         (L, a + f, kv, cap * cost.expert_device if moe else 0) for L, (moe, a, f, _) in enumerate(cost.layers)] + \
@@ -140,9 +153,10 @@ def split_layers(cost: ModelCost, m: Machine, context: int, cap: int) -> list[Gp
     def close(group):
         layers = [it[0] for it in group if isinstance(it[0], int)]
         dense, kvb, hot = (sum(it[i] for it in group) for i in (1, 2, 3))
+        hot += buf if hot else 0
         shares.append(GpuShare(len(shares), layers[0] if layers else 0, layers[-1] if layers else -1,
                                any(it[0] == "embed" for it in group), any(it[0] == "head" for it in group),
-                               dense, kvb, hot, usable - dense - kvb - hot))
+                               dense, kvb, hot, full - dense - kvb - hot))
     used = 0
     for it in items:
         size = it[1] + it[2] + it[3]
@@ -226,6 +240,7 @@ class PlanRequest:
     assumptions: sentences printed under the plan (the machine's and the workload's).
     max_layers: MoE layers of the trace to replay, evenly spaced.
     trace_label: where the routing comes from, as the plan names it (default: the trace's source).
+    hot_set_format: "auto" | "packed" | "bf16", as the runtime's --hot-set-format (auto: packed for int4/fp8).
     """
     cfg: ModelConfig
     label: str
@@ -240,6 +255,7 @@ class PlanRequest:
     assumptions: tuple[str, ...] = ()
     max_layers: int = 4
     trace_label: str | None = None
+    hot_set_format: str = "auto"
 
 
 def make_plan(req: PlanRequest) -> Plan:
@@ -247,7 +263,7 @@ def make_plan(req: PlanRequest) -> Plan:
     replay the routing, predict each policy's speed."""
     cfg, m = req.cfg, req.machine
     _check_has_experts(cfg)
-    cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt)
+    cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt, hot_set_format=req.hot_set_format)
     store, need = host_check(cfg, cost, m, req.fmt)
     want = _want(req.hot_set, cfg.n_routed_experts)
     _check_context(cfg, req.context)
@@ -262,7 +278,8 @@ def make_plan(req: PlanRequest) -> Plan:
     return Plan(req.label, req.fmt, req.context, prompt, m, tuple(gpus), cap, str(req.hot_set),
                 cap < min(want, cfg.n_routed_experts), cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device,
                 store, need, req.trace_label or trace.source, rows,
-                tuple(req.assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers))
+                tuple(req.assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers),
+                "packed" if cost.packed_hot_set else "bf16", cost.decode_buffer)
 
 
 def _check_has_experts(cfg: ModelConfig) -> None:

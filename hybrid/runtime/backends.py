@@ -2,7 +2,8 @@
 
     torch        -> TorchExperts: every expert dequantized on the device (the reference path)
     int4/fp8/bf16, no hot set -> CpuExperts over one LayerStore per MoE layer
-    int4/fp8/bf16 + hot set   -> HybridExperts: a policy per layer picks device copies, the CPU does the rest
+    int4/fp8/bf16 + hot set   -> HybridExperts: a policy per layer picks device copies (kept packed or
+                                 dequantized, as the plan says), the CPU does the rest
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan
     cap = plan.experts_per_layer
     policies = {L: make_policy(policy_name, cfg.n_routed_experts, cap, per_token, placement.get(L, [])[:cap])
                 for L in cfg.moe_layers}
-    return HybridExperts(cpu, stores, policies, dev, dt, routers)
+    return HybridExperts(cpu, stores, policies, dev, dt, routers, plan.hot_set_format)
 
 
 def _loads_per_token(budget, plan: PlacementPlan) -> float:

@@ -148,7 +148,8 @@ def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -
                           expert_format="bf16" if torch_ref else src.experts, context=context,
                           device_memory=dev_mem, host_memory=host,
                           gpu_expert_budget=0 if torch_ref or opts.prefetch == "off" else budget,
-                          mmap=src.manifest is not None, group_size=src.group_size)
+                          mmap=src.manifest is not None, group_size=src.group_size,
+                          hot_set_format="bf16" if torch_ref else opts.hot_set_format)
 
 
 def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, ckpt: Checkpoint, routers: dict,
