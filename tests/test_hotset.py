@@ -43,11 +43,11 @@ def test_same_tokens_and_logits_wherever_experts_run(model, reference, prefetch,
 
 def test_all_resident_serves_everything_after_prefill(model):
     eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget="100%", prefetch="router",
-                      transfer_budget="1GiB")
+                      transfer_budget="1GiB", hot_set_format="packed")
     eng.generate(PROMPT, 8, stop_ids=())
     s = eng.stats()["expert_backend"]["hot_set"]
     # the prompt's experts were loaded after the prefill step, so decode hits whenever it reuses them
-    # packed (the default for fp8): the stored slice of each expert crossed, 3 x 128 x 256 FP8 codes + scales
+    # packed: the stored slice of each expert crossed, 3 x 128 x 256 FP8 codes + scales
     assert eng.plan.hot_set_format == "packed" and eng.plan.expert_device_bytes == packed_expert_bytes("fp8", 256, 128)
     assert s["loads"] > 0 and s["bytes_copied"] == s["loads"] * eng.plan.expert_device_bytes
     assert eng.stats()["expert_activations"]["hot_set"] > 0 and s["per_layer"][1]["hot_set"] > 0
@@ -140,7 +140,7 @@ def test_packed_hot_set_with_experts_that_cannot_be_packed_is_a_clear_error(tiny
     with pytest.raises(ValueError, match="needs int4 or fp8 experts, but these are bf16"):
         hybrid.load(tiny_models("k2", "bf16"), device="cpu", gpu_expert_budget="25%", hot_set_format="packed")
     eng = hybrid.load(tiny_models("k2", "bf16"), device="cpu", gpu_expert_budget="25%")
-    assert eng.plan.hot_set_format == "bf16"                     # auto: bf16 experts are their own packed form
+    assert eng.plan.hot_set_format == "bf16"                     # auto: bf16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

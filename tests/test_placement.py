@@ -35,10 +35,11 @@ def test_k2_on_one_80gb_gpu(k2):
 
 
 def test_k2_packed_hot_set_counts_the_stored_bytes(k2):
-    # auto = packed for int4: a resident expert is its stored slice (K2's sections need no alignment padding),
-    # and one expert's worth of bf16 (the decode buffer) comes off the budget first
+    # packed int4: a resident expert is its stored slice (K2's sections need no alignment padding), and one
+    # expert's worth of bf16 (the decode buffer) comes off the budget first
     p = plan_placement(k2, device="cuda", dtype_bytes=2, expert_format="int4", context=32768,
-                       device_memory=80 * 10**9, host_memory=1024 * GiB, gpu_expert_budget="10GiB")
+                       device_memory=80 * 10**9, host_memory=1024 * GiB, gpu_expert_budget="10GiB",
+                       hot_set_format="packed")
     assert p.hot_set_format == "packed"
     assert p.expert_device_bytes == expert_host_bytes(k2, "int4") == 24_772_608
     assert p.decode_buffer_bytes == 3 * 7168 * 2048 * 2
@@ -46,7 +47,8 @@ def test_k2_packed_hot_set_counts_the_stored_bytes(k2):
     assert p.hot_set_bytes == 7 * 60 * 24_772_608 + 3 * 7168 * 2048 * 2
     assert "packed int4" in p.describe()
     fp8 = plan_placement(k2, device="cuda", dtype_bytes=2, expert_format="fp8", context=4096,
-                         device_memory=80 * GiB, host_memory=1024 * GiB, gpu_expert_budget="25%")
+                         device_memory=80 * GiB, host_memory=1024 * GiB, gpu_expert_budget="25%",
+                         hot_set_format="packed")
     assert fp8.expert_device_bytes == expert_host_bytes(k2, "fp8")  # [16, 56] float32 scales: 64-byte multiples
     with pytest.raises(ValueError, match="needs int4 or fp8 experts, but these are bf16"):
         plan_placement(k2, device="cuda", dtype_bytes=2, expert_format="bf16", context=4096,

@@ -101,8 +101,8 @@ def test_model_cost_agrees_with_the_placement_byte_counts():
     # plus the norms (7168 + 1536 + 512 + 7168 after attention)
     attn = 1536 * 7168 + 64 * 192 * 1536 + 576 * 7168 + 64 * 256 * 512 + 7168 * 64 * 128 + 7168 + 1536 + 512 + 7168
     assert c.layers[5][1] == attn * 2
-    # packed (the default for int4): a resident expert is its stored slice, a hit still multiplies bf16 weights
-    p = ModelCost.of(cfg, 2, "int4")
+    # packed: a resident expert is its stored slice, a hit still multiplies bf16 weights
+    p = ModelCost.of(cfg, 2, "int4", hot_set_format="packed")
     assert p.packed_hot_set and p.expert_device == expert_host_bytes(cfg, "int4") == 24_772_608
     assert p.expert_weights == p.decode_buffer == c.expert_device == c.expert_weights and c.decode_buffer == 0
     assert p.hit_decode_params == 3 * 7168 * 2048 and c.hit_decode_params == 0
@@ -136,7 +136,7 @@ def test_k2_on_4xa100_holds_over_three_times_the_experts_packed():
                 **DEV_CALIBRATION)
     caps = {f: place(ModelCost.of(cfg, 2, "int4", hot_set_format=f), m, 32768, 384)[1] for f in ("bf16", "packed")}
     assert caps["bf16"] == 56 and caps["packed"] > 3 * caps["bf16"]
-    fp8 = place(ModelCost.of(cfg, 2, "fp8"), m, 32768, 384)[1]
+    fp8 = place(ModelCost.of(cfg, 2, "fp8", hot_set_format="packed"), m, 32768, 384)[1]
     assert caps["bf16"] < fp8 < caps["packed"]                      # FP8: 42 MiB per expert
     with pytest.raises(ValueError, match="needs int4 or fp8 experts"):
         ModelCost.of(cfg, 2, "bf16", hot_set_format="packed")
@@ -296,7 +296,7 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
     (mod,) = cal["modules"].values()
     assert mod["attn_s"] > 0 and mod["shared_s"] > 0 and mod["dense_s"] > 0
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format", "fp8",
-                 "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--json"]) == 0
+                 "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--hot-set-format", "packed", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
     # the stand-in copies the packed bytes and decodes them with the Numba decoder that was timed

@@ -50,7 +50,7 @@ class RuntimeOptions:
     hot_set_format: str = _opt("auto", "how hot-set experts are kept on the device: packed = in the store's "
                                        "format (INT4 or FP8 codes + scales, 3.6x smaller than bf16 for INT4), "
                                        "decoded per use into one reused buffer | bf16 = dequantized to the "
-                                       "compute dtype (auto: packed for int4/fp8 experts, else bf16)",
+                                       "compute dtype (auto: bf16, the faster per hit; packed holds ~3.5x as many)",
                                ("auto", *HOT_SET_FORMATS))
     prefetch: str = _opt("auto", "hot-set policy (auto = router when the budget is non-zero)", PREFETCH_CHOICES)
     placement: str | Path | None = _opt(None, "placement.json for --prefetch static (hybrid profile writes one)",

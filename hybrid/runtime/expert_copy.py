@@ -35,10 +35,9 @@ import torch
 from cpu_experts import bf16 as cpu_bf16, fp8 as cpu_fp8, int4 as cpu_int4
 from cpu_experts.pool import RowPool
 from hybrid.core.placement import packed_expert_bytes
+from hybrid.runtime.decode import bf16_into, fp8_into, int4_into
 from quant.layout import MATRICES, make_layout, matrix_shape
 
-FP8_BLOCK = 128
-INT4_BLOCK = 32                # inputs per 16 packed bytes: low nibbles first, then high (quant/int4.py)
 _TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.int16, "float32": torch.float32}   # uint16: bf16 bits
 _SECTIONS = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")  # cpu_experts' `lay` order
 
@@ -80,33 +79,15 @@ class PackedExpert:
 # ---- decoders: (p, matrix name, out [r, c], pool) -> None: out = LayerStore.dequantize's matrix in out.dtype;
 # pool: a RowPool for the Numba decoder's rows (None: the calling thread), unused by the torch one ----------
 def _int4_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    r, c = out.shape
-    g = p.spec.group_size
-    shape = (r, c // g, g // INT4_BLOCK, INT4_BLOCK // 2)    # row, scale group, block of 32 inputs, byte
-    b = p.sections[m].view(shape)
-    s = p.sections[m + "_scale"].view(torch.bfloat16).to(out.dtype).view(r, c // g, 1, 1)
-    neg8s = s * -8                                          # exact: a power of two
-    o = out.view(r, c // g, g // INT4_BLOCK, 2, INT4_BLOCK // 2)
-    q = torch.empty(shape, dtype=torch.uint8, device=out.device)
-    torch.bitwise_and(b, 15, out=q)
-    torch.addcmul(neg8s, q, s, out=o[..., 0, :])            # n s - 8 s: exact products, exact sum, one rounding
-    torch.bitwise_right_shift(b, 4, out=q)
-    torch.addcmul(neg8s, q, s, out=o[..., 1, :])
+    int4_into(p.sections[m], p.sections[m + "_scale"], p.spec.group_size, out)
 
 
 def _fp8_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    r, c = out.shape
-    B = FP8_BLOCK
-    scale = p.sections[m + "_scale"]
-    out.copy_(p.sections[m].view(torch.float8_e4m3fn))      # exact in float32 and bfloat16
-    if r % B == 0 and c % B == 0:                           # the product in float32, then one rounding
-        out.view(r // B, B, c // B, B).mul_(scale.view(r // B, 1, c // B, 1))
-    else:                                                   # partial blocks (small models): the grid spelled out
-        out.mul_(scale.repeat_interleave(B, 0)[:r].repeat_interleave(B, 1)[:, :c])
+    fp8_into(p.sections[m], p.sections[m + "_scale"], out)
 
 
 def _bf16_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    out.copy_(p.sections[m].view(torch.bfloat16))
+    bf16_into(p.sections[m], out)
 
 
 _TORCH = {"int4": _int4_torch, "fp8": _fp8_torch, "bf16": _bf16_torch}
