@@ -97,7 +97,7 @@ def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
         model = build_model(src, ckpt, routers, backend, routes, dense, reader)
         for kind, why in reader.fallbacks.items():
             warnings.warn(f"dense {kind}: {why}", stacklevel=2)
-    info = LoadInfo(src.model_dir, src.experts, src.threads, plan)
+    info = LoadInfo(src.model_dir, src.experts, src.dense, src.threads, plan)
     batching = BatchConfig(opts.max_batch, opts.max_batch_tokens, opts.kv_block_size,
                            max(1, plan.context // opts.kv_block_size), opts.prefix_cache)
     return Engine(src.cfg, model, backend, _tokenizer(src.model_dir), src.device, src.dtype, info, routes, batching)
