@@ -83,20 +83,31 @@ def wait_for(url: str, running: int, waiting: int, timeout: float = 20.0) -> Non
         time.sleep(0.01)
 
 
-class FakeEngine:
-    """Stands in for hybrid.Engine: emits the token ids of `script` (then <|im_end|>), one on_sample each.
+class _FakeHandle:
+    def __init__(self, request, tokens):
+        self.request, self.tokens, self.out = request, tokens, []
+        self.status, self.cancelled, self.reason, self.error = "waiting", False, None, None
 
-    gate: if set, generate waits for it before the first token. endless: emit one token forever, until
-    on_sample returns False (or max_new_tokens). fail_after: raise after that many tokens. `ended_by` says
-    why the last generate returned.
+
+class FakeEngine:
+    """Stands in for hybrid.Engine's serving interface (what hybrid/serve/worker.py calls): one request runs per
+    step (max_batch 1); each step emits its next token of `script` (then <|im_end|>) through on_sample.
+
+    gate: if set, a request's first token waits for it (the worker's step blocks). endless: emit one token
+    forever, until on_sample returns False (or max_new_tokens). fail_after: the step raises after that many
+    tokens (a failed forward). `ended_by` says why the last request ended; `prompts` lists the prompts in the
+    order the engine started computing them.
     """
+    max_batch = 1
+    max_context = 4096
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.cfg = SimpleNamespace(max_position_embeddings=4096, vocab_size=tokenizer.vocab_size)
         self.device = torch.device("cpu")
         self.prompts: list[list[int]] = []
-        self.samplings: list = []          # the SamplingParams of each generate call
+        self.samplings: list = []          # the SamplingParams of each request, in submission order
+        self._queue: list[_FakeHandle] = []
         self.reset()
 
     def reset(self):
@@ -108,31 +119,59 @@ class FakeEngine:
 
     def stats(self):
         return {"prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0,
-                "expert_activations": {"hot_set": 3, "cpu": 1, "device": 0, "total": 4}}
+                "expert_activations": {"hot_set": 3, "cpu": 1, "device": 0, "total": 4},
+                "kv_blocks": {"total": 8, "in_use": sum(h.status == "running" for h in self._queue), "cached": 0},
+                "prefix_cache": {"query_tokens": 0, "hit_tokens": 0}}
 
-    def generate(self, ids, max_new_tokens, stop_ids=None, *, sampling=None, processors=(), on_sample=None):
-        self.prompts.append(list(ids))
-        self.samplings.append(sampling)
-        if self.gate is not None:
-            assert self.gate.wait(30), "test gate never opened"
+    def submit(self, request):
+        self.samplings.append(request.sampling)
         tok = self.tokenizer
         toks = (itertools.repeat(tok.encode("a")[0]) if self.endless
-                else tok.encode(self.script, allow_special=True) + [tok.im_end_id])
-        out = []
-        for t in toks:
-            out.append(t)
-            self.emitted = len(out)
-            if len(out) == self.fail_after:
-                raise RuntimeError("boom: the expert kernel crashed")
-            if on_sample(TokenSample(t)) is False:
-                self.ended_by = "on_sample"
-                return out
-            if t in stop_ids or len(out) >= max_new_tokens:
-                self.ended_by = "stop" if t in stop_ids else "length"
-                return out
-            if self.endless:
-                time.sleep(0.001)
-        return out
+                else iter(tok.encode(self.script, allow_special=True) + [tok.im_end_id]))
+        h = _FakeHandle(request, toks)
+        self._queue.append(h)
+        return h
+
+    def cancel(self, h):
+        h.cancelled = True
+
+    def output(self, h):
+        return list(h.out)
+
+    def outcome(self, h):
+        return h.reason, h.error
+
+    def cached_tokens(self, h):
+        return 0
+
+    def step(self):
+        for h in [h for h in self._queue if h.cancelled]:
+            self._end(h, "cancelled")
+        if not self._queue:
+            return []
+        h = self._queue[0]
+        if h.status == "waiting":
+            h.status = "running"
+            self.prompts.append(list(h.request.ids))
+            if self.gate is not None:
+                assert self.gate.wait(30), "test gate never opened"
+        t = next(h.tokens)
+        h.out.append(t)
+        self.emitted = len(h.out)
+        if len(h.out) == self.fail_after:
+            raise RuntimeError("boom: the expert kernel crashed")
+        if h.request.on_sample(TokenSample(t)) is False:
+            return self._end(h, "on_sample")
+        if t in h.request.stop_ids or len(h.out) >= h.request.max_new_tokens:
+            return self._end(h, "stop" if t in h.request.stop_ids else "length")
+        if self.endless:
+            time.sleep(0.001)
+        return []
+
+    def _end(self, h, why):
+        self.ended_by, h.reason, h.status = why, why, "finished"
+        self._queue.remove(h)
+        return [h]
 
 
 # Shared by the other server test modules, which import them (each module gets its own instances).
@@ -511,12 +550,12 @@ def test_disconnect_stops_generation_and_frees_slot(fake):
         for _ in range(3):
             next(it)
     wait_for(url, 0, 0)
-    assert engine.ended_by == "on_sample" and engine.emitted < 4000
+    assert engine.ended_by in ("on_sample", "cancelled") and engine.emitted < 4000
     engine.ended_by = None
     with pytest.raises(httpx.ReadTimeout):          # a non-streaming client that gives up
         post(url, "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 4000}, timeout=0.5)
     wait_for(url, 0, 0)
-    assert engine.ended_by == "on_sample" and engine.emitted < 4000
+    assert engine.ended_by in ("on_sample", "cancelled") and engine.emitted < 4000
     engine.endless = False
     r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=50)
     assert r.choices[0].message.content == "Hello there."
@@ -537,7 +576,7 @@ def test_disconnect_while_queued_leaves_the_queue(fake):
     engine.gate.set()
     running.join(30)
     wait_for(url, 0, 0)
-    assert len(engine.prompts) == n_prompts     # the abandoned request never reached the engine
+    assert len(engine.prompts) == n_prompts     # the engine never computed the abandoned request
 
 
 def test_engine_failure_is_reported_and_server_keeps_serving(fake):

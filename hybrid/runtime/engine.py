@@ -80,7 +80,8 @@ class _Active:
     request: Request
     sampler: Sampler
     stop: frozenset[int]
-    finish_reason: str | None = None      # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None      # "stop" | "length" | "cancelled" | "error"
+    error: Exception | None = None        # what ended it with "error" (its sampler or a processor raised)
 
 
 @dataclass
@@ -141,7 +142,31 @@ class Engine:
                 if s.status != FINISHED:       # an error in a step: free what they hold
                     self.cancel(s)
             self.scheduler.drop_cancelled()
-        return [s.tokens[s.prompt_len:] for s in seqs]
+        for s in seqs:
+            if s.payload.error is not None:
+                raise s.payload.error
+        return [self.output(s) for s in seqs]
+
+    def output(self, seq: Sequence) -> list[int]:
+        """The new token ids of a submitted request (so far)."""
+        return seq.tokens[seq.prompt_len:]
+
+    def outcome(self, seq: Sequence) -> tuple[str | None, Exception | None]:
+        """(finish reason, error) of a request: None while it runs; "stop" | "length" | "cancelled" | "error"."""
+        return seq.payload.finish_reason, seq.payload.error
+
+    def cached_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens of a request served by the prefix cache (OpenAI's usage.prompt_tokens_details)."""
+        return seq.cached_tokens
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @property
+    def max_context(self) -> int:
+        """Tokens one request may reach (prompt + new): the model's context, or the KV pool if smaller."""
+        return min(self.cfg.max_position_embeddings, self.blocks.n_blocks * self.blocks.block_size)
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; step() runs it. Checked now: ids, lengths, sampling (errors name the value)."""
@@ -183,7 +208,7 @@ class Engine:
         prompt = sum(max(0, min(seq.n_computed + n, seq.prompt_len) - seq.n_computed) for seq, n in work)
         for seq, n in work:
             self.scheduler.computed(seq, n)
-        done = [seq for i, (seq, _) in enumerate(ready) if self._sample(seq, logits[i])]
+        done = [seq for i, (seq, _) in enumerate(ready) if self._sample_or_fail(seq, logits[i])]
         self._time(batch.phase, prompt, len(ready), t0)
         if self.scheduler.idle:
             self._idle()
@@ -248,6 +273,16 @@ class Engine:
         self.times = PhaseTimes()
 
     # ---- internals --------------------------------------------------------------------------------------
+    def _sample_or_fail(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """_sample; an error of this request's own sampling (a processor raised) ends this request only."""
+        try:
+            return self._sample(seq, logits)
+        except Exception as e:
+            seq.payload.finish_reason, seq.payload.error = "error", e
+            if seq.status != FINISHED:
+                self.scheduler.finish(seq)
+            return True
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Choose seq's next token, tell its caller; True when the request is over (then it is finished)."""
         act: _Active = seq.payload

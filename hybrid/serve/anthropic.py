@@ -278,4 +278,5 @@ def message_body(meta: dict, res) -> dict:
         tool_use_block(c) for c in res.tool_calls]
     reason, sequence = stop_reason(res)
     return {**meta, "content": content, "stop_reason": reason, "stop_sequence": sequence,
-            "usage": {"input_tokens": res.prompt_tokens, "output_tokens": res.completion_tokens}}
+            "usage": {"input_tokens": res.prompt_tokens - res.cached_tokens, "output_tokens": res.completion_tokens,
+                      "cache_read_input_tokens": res.cached_tokens}}

@@ -8,13 +8,13 @@ every endpoint but /health wants it.
     request -> JSON body, bounded in size and nesting (body.py) -> validate (api.py / anthropic.py)
             -> K2 chat template (chat.encode_chat) -> context check (400)
             -> output constraint compiled (grammar.py; 400 naming the schema's field)
-            -> one Job per choice into the FIFO (worker.py; 503 when full) -> engine.generate on the worker
+            -> one Job per choice to the worker (worker.py; 503 when full) -> the engine's continuous batching
             -> per-token events (text, tool-call header, argument chunks, samples)
             -> SSE (sse.py, anthropic_sse.py) or one JSON body
 
 What the server needs of the engine (hybrid.Engine has it; tests pass fakes): `tokenizer`, `device`,
-`cfg.max_position_embeddings`, `cfg.vocab_size`, `default_stop_ids()`, `stats()`, and
-`generate(ids, max_new_tokens, stop_ids=, sampling=, processors=, on_sample=)`.
+`cfg.vocab_size`, `max_context`, `default_stop_ids()`, `stats()`, and what worker.Worker calls (submit,
+step, cancel, output, outcome, cached_tokens, max_batch).
 
 Example:
     $ hybrid serve --model /models/Kimi-K2-Instruct --port 8000 --api-key sk-local
@@ -136,7 +136,7 @@ class _Api:
 
     def _card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "hybrid",
-                "max_model_len": self.engine.cfg.max_position_embeddings}
+                "max_model_len": self.engine.max_context}
 
     # ---- OpenAI -----------------------------------------------------------------------------------
     async def chat(self, request: Request):
@@ -205,7 +205,7 @@ class _Api:
     async def _start_jobs(self, request, ids: list[int], gen: Generation, parse_tools: bool,
                           constraint: Constraint | None, param: str) -> Listen:
         """One Job per choice, queued together; their processors (grammar mask, top-k) built off the loop."""
-        max_new = _budget(len(ids), gen.max_tokens, self.engine.cfg.max_position_embeddings, param)
+        max_new = _budget(len(ids), gen.max_tokens, self.engine.max_context, param)
         processors = await asyncio.to_thread(self._processors, constraint, gen, max_new)
         loop, stop_ids = asyncio.get_running_loop(), self.engine.default_stop_ids()
         jobs = [Job(ids, max_new, gen.for_choice(i), gen.stop, stop_ids, self.tok, parse_tools, loop, procs, i)

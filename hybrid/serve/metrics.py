@@ -70,8 +70,18 @@ def prometheus_text(worker, counter: RequestCounter) -> str:
     _metric(lines, "prompt_tokens_total", "counter", "Prompt tokens of generations run.",
             [({}, c["prompt_tokens"])])
     _metric(lines, "completion_tokens_total", "counter", "Tokens generated.", [({}, c["completion_tokens"])])
-    _metric(lines, "queue_running", "gauge", "Generations running (0 or 1).", [({}, running)])
-    _metric(lines, "queue_waiting", "gauge", "Requests waiting for the engine.", [({}, waiting)])
+    _metric(lines, "queue_running", "gauge", "Generations in the engine's running batch.", [({}, running)])
+    _metric(lines, "queue_waiting", "gauge", "Requests waiting for a place in the batch.", [({}, waiting)])
+    kv, pc = s["kv_blocks"], s["prefix_cache"]
+    _metric(lines, "kv_blocks_total", "gauge", "Blocks of the paged KV cache.", [({}, kv["total"])])
+    _metric(lines, "kv_blocks_in_use", "gauge", "KV blocks held by requests (cached-only ones excluded).",
+            [({}, kv["in_use"])])
+    _metric(lines, "kv_blocks_cached", "gauge", "KV blocks nobody uses that keep a cached prefix.",
+            [({}, kv["cached"])])
+    _metric(lines, "prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+            [({}, pc["query_tokens"])])
+    _metric(lines, "prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+            [({}, pc["hit_tokens"])])
     _metric(lines, "tokens_per_second", "gauge", "Engine throughput since start, by phase.",
             [({"phase": "prefill"}, float(s.get("prefill_tokens_per_s", 0.0))),
              ({"phase": "decode"}, float(s.get("decode_tokens_per_s", 0.0)))])

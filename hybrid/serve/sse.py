@@ -26,7 +26,8 @@ def sse(obj: dict) -> str:
 def usage(results) -> dict:
     """Usage of a request's choices: the prompt once, the completions summed."""
     prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
 
 
 def chat_body(meta: dict, results, tok, logprobs: bool) -> dict:

@@ -1,13 +1,15 @@
-"""One engine, many clients: a FIFO of generation jobs served by a single worker thread.
+"""One engine, many clients: jobs run together through the engine's continuous batching, on one thread.
 
-The engine is not thread-safe and holds one KV cache, so exactly one generation runs at a time; the
-others wait in arrival order (fair: first come, first served). A full queue is refused (QueueFull -> 503)
-instead of growing without bound. Cancelling a job (client gone) removes it from the queue at once, or,
-if it is running, makes its next on_sample return False, which ends engine.generate after that token.
+The engine is not thread-safe, so one worker thread owns it: between forward steps it hands new jobs to
+the engine, passes on cancellations and reports finished jobs; the engine's scheduler runs up to
+--max-batch of them in each step (decode tokens of running requests plus prompt chunks of new ones, first
+come first served) and keeps the rest waiting. A full queue is refused (QueueFull -> 503) instead of
+growing without bound. Cancelling a job (client gone) removes it from the queue at once, or, if it is in
+the engine, ends it at the next step and frees its KV blocks.
 
 A Job carries everything the engine call needs: the prompt ids, the budget, its SamplingParams, its own
 logits processors (a grammar mask, top-k: fresh per job, they hold per-request state) and its stop ids;
-the engine is called in one place, Worker._run.
+the engine gets it in one place, Worker._admit.
 
 Per-token text work (UTF-8 assembly, stop strings, tool-call parsing) runs on the worker thread inside
 on_sample, so a stop string ends generation on the very token that completes it. Its results travel to
@@ -15,7 +17,7 @@ the asyncio loop that submitted the job through an asyncio.Queue (call_soon_thre
     ("delta", [ToolCallStream events], [TokenSample])   text that may be sent now, and the samples of the
                                                          tokens since the last delta (logprobs asked for)
     ("end", Result)                        the job finished (not sent for a cancelled job)
-    ("error", exception)                   engine.generate raised
+    ("error", exception)                   the engine refused or failed the job
     ("gone", None)                         put by the server itself when the client disconnected
     ("shutdown", None)                     put by the server itself when it stops before the job ends
 """
@@ -50,6 +52,7 @@ class Result:
     tool_calls: list[dict] = field(default_factory=list)
     stop_sequence: str | None = None                          # the stop string that ended it, if one did
     samples: list[TokenSample] = field(default_factory=list)  # every token's but the stop token's (logprobs)
+    cached_tokens: int = 0                                    # prompt tokens served by the prefix cache
 
 
 class _Output:
@@ -116,7 +119,7 @@ class Job:
         self._delivered += taken
         return taken
 
-    def finish(self, out: list[int]) -> None:
+    def finish(self, out: list[int], cached_tokens: int = 0) -> None:
         events, samples = self._out.finish(), self._take_samples()
         if events or samples:         # samples of tokens without text of their own (specials) go out too
             self._post(("delta", events, samples))
@@ -129,7 +132,7 @@ class Job:
         if calls:
             reason = "tool_calls"     # as vLLM: a parsed call wins, so the client runs it
         self._post(("end", Result(reason, len(self.ids), len(out), text, content, calls,
-                                  self._out.stopper.matched, self._delivered)))
+                                  self._out.stopper.matched, self._delivered, cached_tokens)))
 
     def fail(self, exc: Exception) -> None:
         self._post(("error", exc))
@@ -144,16 +147,25 @@ class Job:
 
 
 class Worker:
-    """Runs queued Jobs one at a time on engine.generate, in a daemon thread (start() / close())."""
+    """Runs Jobs through the engine's continuous batching on one daemon thread (start() / close()).
+
+    Between steps the thread hands new jobs to the engine (engine.submit), passes on cancellations
+    (engine.cancel) and reports finished ones; the engine's scheduler decides which run in each step.
+    What it needs of the engine: submit(Request) -> handle, step(), cancel(handle), output(handle),
+    outcome(handle), cached_tokens(handle), max_batch, stats(); a handle has `status` (waiting | running |
+    finished).
+    Admission: a request is refused (QueueFull -> 503) when it would leave more than max_queue requests
+    waiting beyond the engine's max_batch running ones.
+    """
 
     def __init__(self, engine, max_queue: int):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an int >= 0 (waiting requests), got {max_queue!r}")
         self.engine, self.max_queue = engine, max_queue
-        self.running: Job | None = None
         self.counts = collections.Counter()      # finished, cancelled, failed, prompt/completion tokens
-        self.engine_stats: dict = engine.stats()  # refreshed by the worker thread after each job
-        self._waiting: collections.deque[Job] = collections.deque()
+        self.engine_stats: dict = engine.stats()  # refreshed by the worker thread after jobs end
+        self._inbox: collections.deque[Job] = collections.deque()    # submitted, not yet given to the engine
+        self._active: dict[Job, object] = {}                          # given to the engine: job -> its handle
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
@@ -166,81 +178,140 @@ class Worker:
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            busy = len(self._waiting) + (self.running is not None)
-            if busy + len(jobs) - 1 > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting and {int(self.running is not None)} "
-                                f"is running (--max-queue {self.max_queue})")
-            self._waiting.extend(jobs)
+            running, waiting = self._depth()
+            free = max(0, self.engine.max_batch - running)
+            if waiting + len(jobs) - free > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting and {running} are running (--max-batch "
+                                f"{self.engine.max_batch}, --max-queue {self.max_queue})")
+            self._inbox.extend(jobs)
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job from the queue, or stop it at its next token."""
+        """The client is gone: drop the job from the queue, or end it at the next step (freeing its cache)."""
         job.cancelled.set()
         with self._cond:
-            if job in self._waiting:
-                self._waiting.remove(job)
+            if job in self._inbox:
+                self._inbox.remove(job)
                 self.counts["cancelled"] += 1
+            self._cond.notify()
 
     def depth(self) -> tuple[int, int]:
         """(running, waiting) right now."""
         with self._cond:
-            return int(self.running is not None), len(self._waiting)
+            return self._depth()
 
     def stop_accepting(self) -> list[Job]:
-        """Shutdown begins: refuse new jobs; the waiting ones are dropped and returned (the running one
-        goes on)."""
+        """Shutdown begins: refuse new jobs; the waiting ones are dropped and returned (running ones go on)."""
         with self._cond:
             self._closed = True
-            dropped = list(self._waiting)
-            self._waiting.clear()
+            dropped = list(self._inbox) + [j for j, h in self._active.items() if h.status == "waiting"]
+            self._inbox.clear()
             self.counts["cancelled"] += len(dropped)
-        for job in dropped:
-            job.cancelled.set()
+            for job in dropped:
+                job.cancelled.set()
+            self._cond.notify()
         return dropped
 
     def in_flight(self) -> list[Job]:
         """The jobs generating now."""
         with self._cond:
-            return [self.running] if self.running is not None else []
+            return [j for j, h in self._active.items() if h.status == "running" and not j.cancelled.is_set()]
 
     def close(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._closed = True
-            for job in [*self._waiting, *([self.running] if self.running else [])]:
+            for job in [*self._inbox, *self._active]:
                 job.cancelled.set()
-            self._waiting.clear()
+            self._inbox.clear()
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                job = self.running = self._waiting.popleft()
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self.running = None
-                del job               # an idle worker holds no request's buffers
+    # ---- the engine thread ------------------------------------------------------------------------------
+    def _depth(self) -> tuple[int, int]:
+        """(running, waiting); a cancelled job no longer counts (the engine drops it at its next step)."""
+        live = [h for j, h in self._active.items() if not j.cancelled.is_set()]
+        return (sum(h.status == "running" for h in live),
+                len(self._inbox) + sum(h.status == "waiting" for h in live))
 
-    def _run(self, job: Job) -> None:
+    def _loop(self) -> None:
+        """Until closed: admit new jobs, pass on cancellations, one engine step, report what ended. (Each part
+        is a method, so this frame holds no job between steps: an idle worker keeps no request alive.)"""
+        while True:
+            closing = self._admit_new()
+            self._pass_cancels()
+            try:
+                self.engine.step()
+            except Exception as e:        # the forward failed: every job in the engine fails; the server goes on
+                self._fail_all(e)
+            self._report()
+            if closing and not self._active:
+                return
+
+    def _admit_new(self) -> bool:
+        """Wait for work; hand the new jobs to the engine. Returns whether the worker is closing."""
+        with self._cond:
+            while not self._inbox and not self._active and not self._closed:
+                self._cond.wait()
+            new = list(self._inbox)
+            self._inbox.clear()
+            closing = self._closed
+        for job in new:
+            self._admit(job)
+        return closing
+
+    def _pass_cancels(self) -> None:
+        """Jobs cancelled since the last step (a client left, a shutdown cut, close()) end in the engine."""
+        for job, handle in list(self._active.items()):
+            if job.cancelled.is_set():
+                self.engine.cancel(handle)
+
+    def _admit(self, job: Job) -> None:
+        from hybrid.runtime.engine import Request
         try:
-            out = self.engine.generate(job.ids, job.max_new_tokens, stop_ids=job.stop_ids, sampling=job.params,
-                                       processors=job.processors, on_sample=job.on_sample)
-            cancelled = job.cancelled.is_set()
-            if not cancelled:
-                job.finish(out)
-            self.counts.update({"cancelled" if cancelled else "finished": 1, "prompt_tokens": len(job.ids),
-                                "completion_tokens": len(out)})
-        except Exception as e:        # reported to this request's client; the server keeps serving
+            handle = self.engine.submit(Request(job.ids, job.max_new_tokens, job.params, job.stop_ids,
+                                                job.processors, job.on_sample))
+        except Exception as e:            # refused by the engine (e.g. larger than the KV pool): this job only
             self.counts["failed"] += 1
             job.fail(e)
+            return
+        with self._cond:
+            self._active[job] = handle
+
+    def _report(self) -> None:
+        """Finished handles -> their jobs' end (or error) events and the counters."""
+        ended = [(j, h) for j, h in self._active.items() if h.status == "finished"]
+        for job, handle in ended:
+            out = self.engine.output(handle)
+            reason, error = self.engine.outcome(handle)
+            if error is not None:
+                self.counts["failed"] += 1
+                job.fail(error)
+            elif job.cancelled.is_set():
+                self.counts["cancelled"] += 1
+            else:
+                job.finish(out, self.engine.cached_tokens(handle))
+                self.counts["finished"] += 1
+            self.counts.update({"prompt_tokens": len(job.ids), "completion_tokens": len(out)})
+        if ended:
+            with self._cond:
+                for job, _ in ended:
+                    del self._active[job]
+            self._refresh_stats()
+
+    def _fail_all(self, e: Exception) -> None:
+        with self._cond:
+            jobs = list(self._active.items())
+            self._active.clear()
+        for job, handle in jobs:
+            self.engine.cancel(handle)
+            self.counts["failed"] += 1
+            job.fail(e)
+        self.engine.step()                # drops the cancelled handles, frees their cache blocks
+        self._refresh_stats()
+
+    def _refresh_stats(self) -> None:
         try:
             self.engine_stats = self.engine.stats()
-        except Exception:             # metrics must never take the worker down
+        except Exception:                 # metrics must never take the worker down
             pass
