@@ -23,6 +23,16 @@ def prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, vocab, length).tolist() for _ in range(n)]
 
 
+def text_prompts(tok, path: Path, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens: consecutive windows of the text file, encoded by the model's tokenizer
+    (for trained models, whose routing on random tokens says little)."""
+    ids = tok.encode(path.read_text(encoding="utf-8"))
+    if len(ids) < n * length:
+        raise ValueError(f"{path} holds {len(ids)} tokens; {n} prompts of {length} need {n * length}")
+    step = len(ids) // n
+    return [ids[i * step:i * step + length] for i in range(n)]
+
+
 def run(model: Path, budget, policy: str, ps, new_tokens: int, threads: int, placement=None) -> dict:
     import hybrid
     eng = hybrid.load(model, device="cpu", experts="fp8", gpu_expert_budget=budget, threads=threads,
@@ -54,13 +64,15 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--text", type=Path, help="prompts from this text file (model's tokenizer) instead of random ids")
     a = p.parse_args(argv)
     import hybrid
     from hybrid.profile.report import write_placement
     from hybrid.profile.trace import record
     cfg = hybrid.ModelConfig.from_file(a.model)
-    ps = prompts(cfg.vocab_size, a.requests, a.prompt_tokens)
     eng = hybrid.load(a.model, device="cpu", experts="fp8", threads=a.threads, prefetch="off")
+    ps = (text_prompts(eng.tokenizer, a.text, a.requests, a.prompt_tokens) if a.text
+          else prompts(cfg.vocab_size, a.requests, a.prompt_tokens))
     trace = record(eng, ps, a.new_tokens, stop_ids=())
     del eng
     gc.collect()

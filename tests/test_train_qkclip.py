@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from gpu_attn import MLA, Router, YarnRope
-from train import balance_bias_, imbalance, qk_clip_
+from hybrid.core.config import ModelConfig
+from hybrid.models.tiny import PRESETS
+from train import TrainModel, balance_bias_, imbalance, qk_clip_
 from train.model import attend
+from train.qk_clip import qk_clip_model_
 
 NH, DN, DR, DV, R = 4, 8, 4, 8, 8
 
@@ -93,6 +96,25 @@ def test_qk_clip_rejects_tau_not_positive(tau):
 def test_qk_clip_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"shape \[4\]"):
         qk_clip_(_mla(16), torch.ones(NH + 1), 10.0)
+
+
+def test_clip_on_the_updated_weights_caps_every_layer_on_the_batch():
+    cfg = ModelConfig.from_dict({**PRESETS["tiny"], "num_hidden_layers": 3})
+    model = TrainModel(cfg, seed=0)
+    with torch.no_grad():
+        for attn in model.attentions():
+            attn.q_b_proj.weight.mul_(6.0)             # logits far above tau in every layer
+            attn.kv_b_proj.weight.mul_(3.0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = torch.stack(model(ids)[1].max_logits)                 # [layers, nh]
+    tau = float(before.min()) * 0.8
+    gammas = qk_clip_model_(model, ids, tau)
+    with torch.no_grad():
+        after = torch.stack(model(ids)[1].max_logits)
+    assert all((g < 1).all() for g in gammas)
+    assert (after <= tau * (1 + 1e-5)).all(), (after, tau)
+    torch.testing.assert_close(after, torch.full_like(after, tau), rtol=1e-5, atol=0)
 
 
 def test_balancing_brings_a_skewed_load_down():

@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--tau", type=float, help="QK-Clip threshold (K2: 100)")
     clip.add_argument("--no-qk-clip", action="store_true", help="plain Muon, no QK-Clip")
+    p.add_argument("--float32", action="store_true", help="no bf16 autocast (for CPUs without bf16 support)")
     p.add_argument("--merges", type=int, help="BPE merges of the tokenizer trained at the start")
     p.add_argument("--chat", type=int, help="chat-template conversations in the mixture")
     p.add_argument("--seed", type=int)
@@ -63,7 +64,8 @@ def settings(a):
     optim = _replace(r.optim, lr=a.lr, tau=a.tau)
     if a.no_qk_clip:
         optim = dataclasses.replace(optim, tau=None)
-    schedule = _replace(r.schedule, steps=a.steps, batch=a.batch, seq=a.seq, seed=a.seed)
+    schedule = _replace(r.schedule, steps=a.steps, batch=a.batch, seq=a.seq, seed=a.seed,
+                        bf16=False if a.float32 else None)
     return model, data, optim, schedule
 
 

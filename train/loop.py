@@ -113,7 +113,7 @@ def _loop(run, cfg: RunConfig, ds: Dataset, model, opt, log, heldout, start: int
     with stop:
         while step < end and not stop.raised:
             st = train_step(model, opt, ds.batch(sch.seed, step, sch.batch, sch.seq), step,
-                            cfg.optim.lr * sch.lr_scale(step), sch.balance_u)
+                            cfg.optim.lr * sch.lr_scale(step), sch.balance_u, sch.bf16)
             log.append(dataclasses.asdict(st))
             step += 1
             bar.update(1)

@@ -52,14 +52,17 @@ def attend(attn: MLA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(T, device=x.device).repeat(B)                                     # [N]
     q_nope, q_pe = attn._query(flat, pos)                                                # [N,nh,dn], [N,nh,dr]
     rows = attn.compress(flat, pos)                                                      # [N, r+dr]
-    kv = attn.kv_b_proj(rows[:, : attn.r]).view(B, T, attn.nh, attn.dn + attn.dv)
-    k_pe = rows[:, attn.r:].view(B, T, attn.dr)
-    logits = (torch.einsum("bthd,bshd->bhts", q_nope.view(B, T, attn.nh, attn.dn), kv[..., : attn.dn])
-              + torch.einsum("bthd,bsd->bhts", q_pe.view(B, T, attn.nh, attn.dr), k_pe)) * attn.scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()                  # [T, S]
-    logits = logits.masked_fill(~causal, float("-inf"))                                  # [B, nh, T, S]
-    max_logits = logits.detach().amax(dim=(0, 2, 3))                                     # [nh]
-    o = torch.einsum("bhts,bshd->bthd", logits.softmax(-1), kv[..., attn.dn:])            # [B, T, nh, dv]
+    kv = attn.kv_b_proj(rows[:, : attn.r]).float().view(B, T, attn.nh, attn.dn + attn.dv)
+    k_pe = rows[:, attn.r:].float().view(B, T, attn.dr)
+    # logits, softmax and the weighted sum in float32 even under bf16 autocast: QK-Clip reads the max
+    # logit (bf16 would be 0.4 % off), and at T = 256 this is ~3 % of the step's FLOPs
+    with torch.autocast(x.device.type, enabled=False):
+        logits = (torch.einsum("bthd,bshd->bhts", q_nope.float().view(B, T, attn.nh, attn.dn), kv[..., : attn.dn])
+                  + torch.einsum("bthd,bsd->bhts", q_pe.float().view(B, T, attn.nh, attn.dr), k_pe)) * attn.scale
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()              # [T, S]
+        logits = logits.masked_fill(~causal, float("-inf"))                              # [B, nh, T, S]
+        max_logits = logits.detach().amax(dim=(0, 2, 3))                                 # [nh]
+        o = torch.einsum("bhts,bshd->bthd", logits.softmax(-1), kv[..., attn.dn:])        # [B, T, nh, dv]
     return attn.o_proj(o.reshape(B, T, attn.nh * attn.dv)), max_logits
 
 
@@ -84,12 +87,12 @@ class TrainMoE(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k
         weight = w.flatten()[order].to(h.dtype)[:, None]                                 # [N*k, 1]
-        out = self.shared_experts(h)
+        out = self.shared_experts(h).to(h.dtype)       # float32 sums even when the experts run in bf16
         start = 0
         for e, n in enumerate(load.tolist()):
             if n:
                 rows = token[start:start + n]
-                out = out.index_add(0, rows, self.experts[e](h[rows]) * weight[start:start + n])
+                out = out.index_add(0, rows, (self.experts[e](h[rows]) * weight[start:start + n]).to(h.dtype))
                 start += n
         return out, load
 

@@ -6,7 +6,8 @@
 - AdamW: embeddings, lm_head and the norms (K2 and Moonlight keep these on AdamW).
 - The routers' e_score_correction_bias is a buffer, not a parameter: it is moved by the aux-loss-free
   balancing rule (train/balance.py), never by a gradient.
-- QK-Clip (train/qk_clip.py) with each head's max logit from the step's forward, after both updates.
+- QK-Clip (train/qk_clip.py) after both updates, with each head's max logit from the step's forward
+  (clip_source "forward", as the K2 report does) or re-measured on the updated weights ("after_step").
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from train.model import Probe, TrainModel
-from train.qk_clip import qk_clip_
+from train.qk_clip import qk_clip_, qk_clip_model_
 
 ADAMW_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+CLIP_SOURCES = ("forward", "after_step")
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,11 @@ class OptimConfig:
     momentum: float = 0.95
     betas: tuple[float, float] = (0.9, 0.95)
     tau: float | None = 100.0       # QK-Clip threshold; None = plain Muon (no clipping)
+    clip_source: str = "forward"    # where S_h comes from (train/qk_clip.py): one of CLIP_SOURCES
 
     def __post_init__(self):
+        if self.clip_source not in CLIP_SOURCES:
+            raise ValueError(f"clip_source must be one of {', '.join(CLIP_SOURCES)}, got {self.clip_source!r}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
         if self.tau is not None and not self.tau > 0:
@@ -66,15 +71,20 @@ class MuonClip:
             for g in opt.param_groups:
                 g["lr"] = lr
 
-    def step(self, probe: Probe) -> list[torch.Tensor]:
-        """Apply the gradients, then QK-Clip with the max logits the forward recorded.
+    def step(self, probe: Probe, ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Apply the gradients, then QK-Clip with the max logits the forward recorded (probe), or with
+        those of the updated weights on ids [B, T] (clip_source "after_step").
         Returns each layer's [nh] gammas (all ones without clipping)."""
         self.muon.step()
         self.adamw.step()
         attns = self.model.attentions()
         if self.cfg.tau is None:
             return [torch.ones(a.nh) for a in attns]
-        return [qk_clip_(a, m, self.cfg.tau) for a, m in zip(attns, probe.max_logits)]
+        if self.cfg.clip_source == "forward":
+            return [qk_clip_(a, m, self.cfg.tau) for a, m in zip(attns, probe.max_logits)]
+        if ids is None:
+            raise ValueError("clip_source 'after_step' needs the step's token ids: step(probe, ids)")
+        return qk_clip_model_(self.model, ids, self.cfg.tau)
 
     def zero_grad(self) -> None:
         self.muon.zero_grad(set_to_none=True)

@@ -10,12 +10,20 @@ are rescaled in place so that its logits scale by exactly gamma_h:
     q_rope rows of head h                                                   x gamma_h
 The rope key (kv_a_proj_with_mqa's last dr rows) is shared by all heads, so it is never touched: scaling it
 would clip every head. Value rows, o_proj and heads at or under tau are left bit-identical.
+
+Where S_h comes from: the K2 report takes it from the step's own forward, i.e. from the weights before the
+update (qk_clip_ with Probe.max_logits; MuonClip's default). The clipped weights then hold the batch's
+logits at tau times one update's growth: at a high learning rate that overshoots (bench/muonclip.py
+measures it). qk_clip_model_ takes S_h from the updated weights instead, one extra no-grad forward, so
+that afterwards every head's max logit on the batch is at most tau.
 """
 from __future__ import annotations
 
 import torch
 
 from gpu_attn import MLA
+
+from train.model import TrainModel, attend
 
 
 @torch.no_grad()
@@ -48,3 +56,21 @@ def qk_clip_(attn: MLA, max_logits: torch.Tensor, tau: float) -> torch.Tensor:
         q[h, attn.dn:] *= g
         k[h, : attn.dn] *= g ** 0.5
     return gamma
+
+
+@torch.no_grad()
+def qk_clip_model_(model: TrainModel, ids: torch.Tensor, tau: float) -> list[torch.Tensor]:
+    """QK-Clip every layer of model with max logits of its current weights on ids [B, T].
+
+    Layer by layer: each layer's heads are measured on the input the (already clipped) layers below now
+    give it, clipped, and the layer is rerun with its clipped weights, so on ids every head's max logit
+    ends at most tau (to float rounding). One no-grad forward with attention computed twice.
+    Returns each layer's [nh] gammas.
+    """
+    h = model.model.embed_tokens(ids)
+    gammas = []
+    for layer in model.model.layers:
+        _, s = attend(layer.self_attn, layer.input_layernorm(h))
+        gammas.append(qk_clip_(layer.self_attn, s, tau))
+        h = layer(h)[0]
+    return gammas

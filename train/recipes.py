@@ -35,5 +35,5 @@ def _preset(name: str, **overrides) -> dict:
 
 RECIPES = {
     "tiny": Recipe(model=_preset("tiny"), data=DataConfig(n_merges=768),
-                   optim=OptimConfig(lr=2e-3, tau=100.0), schedule=Schedule(steps=4000, batch=16, seq=256)),
+                   optim=OptimConfig(lr=5e-3, tau=100.0), schedule=Schedule(steps=1200, batch=16, seq=256)),
 }

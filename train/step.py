@@ -24,6 +24,9 @@ class Schedule:
     min_lr_ratio: float = 0.1      # cosine decay from the peak to this share of it
     balance_u: float = 1e-3        # bias update speed (DeepSeek-V3's 0.001)
     seed: int = 0
+    # bf16 autocast of the matmuls (weights, gradients and optimizer state stay float32): 1.7x faster
+    # steps on this AVX512-BF16 CPU (1.64 vs 2.81 s for 16 x 256 tokens of the tiny model, one thread)
+    bf16: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch", "seq"):
@@ -50,15 +53,17 @@ class StepStats:
 
 
 def train_step(model: TrainModel, opt: MuonClip, batch: torch.Tensor, step: int, lr: float,
-               balance_u: float) -> StepStats:
+               balance_u: float, bf16: bool = False) -> StepStats:
     """One step on batch [B, T+1]; returns what it measured (before the update)."""
     opt.set_lr(lr)
-    loss, probe = model.loss(batch)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, probe = model.loss(batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr (now {lr:.2e})")
     loss.backward()
     loss = loss.detach()
-    gammas = opt.step(probe)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):   # for an after-step clip
+        gammas = opt.step(probe, batch[:, :-1])
     opt.zero_grad()
     routers = model.routers()
     for i, load in probe.loads.items():

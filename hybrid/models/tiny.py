@@ -2,7 +2,8 @@
 
 Presets:
 - tiny:  a K2-shaped model a few MB large (first layer dense, 1 shared expert, sigmoid/noaux_tc routing
-         with a non-zero bias, YaRN) for tests and the default `hybrid generate` run;
+         with a non-zero bias, YaRN) for tests; trained (train/recipes.py), it is the shipped default model
+         (SHIPPED_TINY);
 - bench: K2's own expert shape (hidden 7168, expert width 2048, top-8) with 2 MoE layers x 64 experts,
          5.25 GiB of routed weights in FP8: far beyond the ~64 MiB that acts as cache here, so benchmarks
          measure memory, not cache.
@@ -12,7 +13,6 @@ tokenizer_config.json) trained at make time from a bundled corpus.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -168,19 +168,22 @@ def _init(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Ten
     return torch.randn(spec.shape, generator=g) / spec.shape[1] ** 0.5
 
 
+# The default model of `hybrid generate`, `hybrid serve` and `hybrid profile`: the tiny preset trained with
+# MuonClip by `python -m train --recipe tiny` (train/recipes.py; README "Training"), committed as package
+# data so that a first run neither trains nor downloads anything.
+SHIPPED_TINY = Path(__file__).resolve().parent / "tiny_k2"
+
+
 def default_tiny_dir() -> Path:
-    """The tiny model `hybrid generate` uses when no --model is given (made on first use). The folder name
-    carries a hash of the preset and the tokenizer corpus, so a change to either makes a new model instead
-    of reusing a stale one."""
-    from hybrid.text.bpe import CORPUS
-    base = Path(os.environ.get("HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid")
-    h = hashlib.sha256(json.dumps(PRESETS["tiny"], sort_keys=True).encode() + Path(CORPUS).read_bytes())
-    return base / f"tiny-fp8-seed0-{h.hexdigest()[:10]}"
+    """The folder of the shipped trained tiny model."""
+    return SHIPPED_TINY
 
 
 def ensure_default_tiny() -> Path:
+    """The shipped tiny model's folder; FileNotFoundError with the fix when the install lacks it."""
     d = default_tiny_dir()
     if not (d / "config.json").is_file():
-        d.parent.mkdir(parents=True, exist_ok=True)
-        make_tiny(d)
+        raise FileNotFoundError(f"the shipped tiny model is missing from {d}; reinstall the package "
+                                "(pip install -e .), or pass --model DIR (`hybrid make-tiny --out DIR` "
+                                "writes a random-weight one)")
     return d
