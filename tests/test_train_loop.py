@@ -176,4 +176,4 @@ def test_resume_with_other_settings_is_refused(tmp_path, data_dir, capsys):
     assert main(_cli(run, data_dir, "--stop-after", "1")) == 0
     assert main(_cli(run, data_dir, "--lr", "0.01")) == 2
     err = capsys.readouterr().err
-    assert "optim.lr was 0.002, now 0.01" in err and "new --out" in err
+    assert f"optim.lr was {RECIPES['tiny'].optim.lr}, now 0.01" in err and "new --out" in err

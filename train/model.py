@@ -4,7 +4,8 @@ B = sequences, T = tokens per sequence, N = B*T, H = hidden, E = routed experts,
 nh = heads, V = vocab.
 
 The runtime's model (hybrid/runtime/model.py) is inference-only: built on the meta device, no gradients,
-routed experts outside the module tree. This one keeps every tensor as a parameter, with the checkpoint's
+routed experts outside the module tree. This one reuses its decoder layer's modules (gpu_attn's MLA, MLP,
+RMSNorm, Router) but keeps every tensor as a parameter, the routed experts included, with the checkpoint's
 own names (model.layers.L.mlp.experts.E.gate_proj.weight ...), so `state_dict()` is the checkpoint's
 tensor table and a saved model loads in `hybrid.load` unchanged. Attention runs MLA's own projections
 (MLA._query / MLA.compress, the inference code) on a batch and attends explicitly, because QK-Clip needs
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_attn import MLA, MLP, RMSNorm, Router, YarnRope
-from gpu_attn.rope import softmax_scale
 
 from hybrid.core.config import ModelConfig
+from hybrid.runtime.model import DecoderLayer
 
 
 @dataclass
@@ -70,13 +71,12 @@ class TrainMoE(nn.Module):
     """Router + shared expert + routed experts as parameters; differentiable through the chosen experts'
     (unbiased, renormalized, scaled) router weights, as K2 trains them."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gate: Router, shared_experts: MLP):
         super().__init__()
-        H, I = cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate = Router(H, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
-                           cfg.norm_topk_prob, cfg.routed_scaling_factor)
-        self.shared_experts = MLP(H, I * cfg.n_shared_experts)
-        self.experts = nn.ModuleList(MLP(H, I) for _ in range(cfg.n_routed_experts))
+        self.gate = gate
+        self.shared_experts = shared_experts
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, H] -> (out [N, H], load [E] tokens per expert)."""
@@ -97,17 +97,15 @@ class TrainMoE(nn.Module):
         return out, load
 
 
-class TrainLayer(nn.Module):
+class TrainLayer(DecoderLayer):
+    """The runtime's decoder layer (same modules, same names) with the routed experts inside the module
+    tree (TrainMoE instead of the runtime's MoE, whose experts live in a backend) and a batched forward."""
+
     def __init__(self, cfg: ModelConfig, layer: int, rope: YarnRope):
-        super().__init__()
-        r = cfg.rope
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
-                             cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                             softmax_scale(cfg.qk_head_dim, r.type, r.factor, r.mscale_all_dim), rope)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, layer, rope)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.mlp = TrainMoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        if self.is_moe:
+            self.mlp = TrainMoE(cfg, self.mlp.gate, self.mlp.shared_experts)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """h [B, T, H] -> (h [B, T, H], max logits [nh], expert load [E] or None)."""
