@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     sched = Schedule(steps=a.steps, batch=a.batch, seq=a.seq, warmup=min(50, a.steps // 10), seed=0)
     with tempfile.TemporaryDirectory(prefix="bench-muonclip-") as tmp:
         ds = build_dataset(recipe.data, Path(tmp), quiet=a.quiet)
-    cfg = ModelConfig.from_dict(model_config(recipe.model, ds, sched.seq))
+    cfg = ModelConfig.from_dict(model_config(recipe.model, recipe.data, sched.seq))
     runs, t0 = {}, time.perf_counter()
     for label, clip, source in RUNS:
         optim = dataclasses.replace(recipe.optim, lr=a.lr, tau=a.tau if clip else None, clip_source=source)

@@ -69,8 +69,8 @@ def stdlib_docs(code: list[Document]) -> list[Document]:
 
 
 def docstrings(source: str) -> list[str]:
-    """Docstrings of the module and of every class and function in it, in source order, each prefixed
-    with the name it documents ("json.dumps:" style is left to the reader: just "name: text")."""
+    """The module's docstring, then those of its classes and functions (ast.walk order) as "name: text";
+    docstrings of 40 characters or fewer are left out."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):

@@ -64,14 +64,16 @@ class Result:
     seconds: float = 0.0
 
 
-def model_config(raw: dict, ds: Dataset, seq: int) -> dict:
-    """The config.json the run trains: raw with the tokenizer's vocab and special ids; checked buildable."""
-    tok = ds.tokenizer
-    out = {**raw, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    if raw.get("vocab_size", out["vocab_size"]) != tok.vocab_size:
-        raise ConfigError(f"the model config has vocab_size {raw['vocab_size']}, but the tokenizer has "
-                          f"{tok.vocab_size} tokens (256 bytes + {tok.n_ranks - 256} merges + 256 specials); "
-                          f"set vocab_size to {tok.vocab_size} or --merges to {raw['vocab_size'] - 512}")
+def model_config(raw: dict, data: DataConfig, seq: int) -> dict:
+    """The config.json the run trains: raw with the vocab and special ids of the tokenizer `data` trains
+    (256 bytes + merges, then the 256 specials, [BOS] first); checked buildable before any data is read."""
+    n_ranks = 256 + data.n_merges
+    if raw.get("vocab_size", data.vocab_size) != data.vocab_size:
+        fix = f" or --merges to {raw['vocab_size'] - 512}" if raw["vocab_size"] > 512 else ""
+        raise ConfigError(f"the model config has vocab_size {raw['vocab_size']}, but the tokenizer will have "
+                          f"{data.vocab_size} tokens (256 bytes + {data.n_merges} merges + 256 specials); "
+                          f"set vocab_size to {data.vocab_size}{fix}")
+    out = {**raw, "vocab_size": data.vocab_size, "bos_token_id": n_ranks, "eos_token_id": n_ranks + 1}
     cfg = ModelConfig.from_dict(out, source="the model config")
     if seq > cfg.max_position_embeddings:
         raise ConfigError(f"--seq {seq} exceeds the model's max_position_embeddings "
@@ -86,9 +88,9 @@ def train(run: Path, raw_model: dict, data: DataConfig, optim: OptimConfig, sche
     t0 = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    cfg = RunConfig(model_config(raw_model, data, schedule.seq), data, optim, schedule)
     _clean_partials(run)
     ds = build_dataset(data, run / ckpt.TOKENIZER_DIR, quiet=opts.quiet)
-    cfg = RunConfig(model_config(raw_model, ds, schedule.seq), data, optim, schedule)
     ckpt.open_run(run, cfg.identity(ds.fingerprint))
     model = TrainModel(ModelConfig.from_dict(cfg.model), schedule.seed)
     opt = MuonClip(model, optim)

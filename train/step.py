@@ -1,6 +1,6 @@
 """One training step of a TrainModel, shared by the trainer and bench.muonclip:
-forward (recording max logits and expert loads) -> backward -> MuonClip step (Muon + AdamW, then QK-Clip)
--> aux-loss-free bias update of every router.
+forward (recording max logits and expert loads) -> backward -> aux-loss-free bias update of every router
+-> MuonClip step (Muon + AdamW, then QK-Clip).
 """
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ def train_step(model: TrainModel, opt: MuonClip, batch: torch.Tensor, step: int,
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr (now {lr:.2e})")
     loss.backward()
     loss = loss.detach()
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):   # for an after-step clip
+    routers = model.routers()
+    for i, load in probe.loads.items():      # before the clip: an after-step clip measures the final model
+        balance_bias_(routers[i], load, balance_u)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         gammas = opt.step(probe, batch[:, :-1])
     opt.zero_grad()
-    routers = model.routers()
-    for i, load in probe.loads.items():
-        balance_bias_(routers[i], load, balance_u)
     per_layer = [float(m.max()) for m in probe.max_logits]
     loads = [imbalance(x) for x in probe.loads.values()]
     return StepStats(step, loss.item(), lr, max(per_layer), per_layer, int(sum((g < 1).sum() for g in gammas)),
