@@ -6,8 +6,10 @@ setup(
     description="CPU/GPU hybrid offload runtime for Kimi K2 and DeepSeek-V3 MoE models",
     python_requires=">=3.10",
     packages=find_packages(include=["hybrid", "hybrid.*", "cpu_experts", "cpu_experts.*", "gpu_attn",
-                                    "gpu_attn.*", "quant", "quant.*", "bench", "bench.*"]),
-    package_data={"hybrid": ["data/*.txt"]},
+                                    "gpu_attn.*", "quant", "quant.*", "train", "train.*", "bench", "bench.*"]),
+    # models/tiny_k2: the trained default model (python -m train, recipe tiny), shipped so that `make run`
+    # never trains or downloads anything
+    package_data={"hybrid": ["data/*.txt", "models/tiny_k2/*"]},
     install_requires=[
         "torch>=2.4",          # the README's install pins torch==2.13.0 through constraints.txt (CPU build)
         "numpy>=1.26",
@@ -23,6 +25,7 @@ setup(
         # Structured output (JSON schemas, forced K2 tool calls): a grammar engine made for token masks, built
         # from K2's own tiktoken vocabulary, instead of a hand-written JSON-schema-to-automaton compiler.
         "llguidance>=1.9",
+        "tqdm>=4.60",          # `python -m train` progress bar with ETA (terminal-aware, no hand-rolled rates)
     ],
     extras_require={
         # transformers: test-only oracle; openai / anthropic: the official clients the server is tested with;

@@ -72,6 +72,16 @@ def hit_cost(fmt: str, tokens: int, threads: int, rounds: int = 7) -> dict:
                         "decode": lambda: buf.weights(packed)}, rounds), "same": same}
 
 
+def text_prompts(tok, path: Path, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens: consecutive windows of the text file, encoded by the model's tokenizer
+    (for trained models, whose routing on random tokens says little)."""
+    ids = tok.encode(path.read_text(encoding="utf-8"))
+    if len(ids) < n * length:
+        raise ValueError(f"{path} holds {len(ids)} tokens; {n} prompts of {length} need {n * length}")
+    step = len(ids) // n
+    return [ids[i * step:i * step + length] for i in range(n)]
+
+
 def run(model: Path, budget, policy: str, ps, new_tokens: int, threads: int, placement=None,
         hot_set_format: str = "auto") -> dict:
     import hybrid
@@ -108,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--hot-set-formats", default="bf16,packed", help="hot-set formats to run, each budget and policy")
     p.add_argument("--hit-tokens", default="1,32", help="tokens per hit in the one-expert cost table ('' skips it)")
     p.add_argument("--hit-formats", default="fp8,int4", help="store formats of the one-expert cost table")
+    p.add_argument("--text", type=Path, help="prompts from this text file (model's tokenizer) instead of random ids")
     a = p.parse_args(argv)
     print(f"# load average at start {os.getloadavg()[0]:.2f} (the host is shared: compare rows of one run)")
     print_hit_costs(a)
@@ -117,8 +128,9 @@ def main(argv=None) -> None:
     from hybrid.profile.report import write_placement
     from hybrid.profile.trace import record
     cfg = hybrid.ModelConfig.from_file(a.model)
-    ps = prompts(cfg.vocab_size, a.requests, a.prompt_tokens)
     eng = hybrid.load(a.model, device="cpu", experts="fp8", threads=a.threads, prefetch="off")
+    ps = (text_prompts(eng.tokenizer, a.text, a.requests, a.prompt_tokens) if a.text
+          else prompts(cfg.vocab_size, a.requests, a.prompt_tokens))
     trace = record(eng, ps, a.new_tokens, stop_ids=())
     del eng
     gc.collect()

@@ -2,7 +2,8 @@
 
 Presets:
 - tiny:  a K2-shaped model a few MB large (first layer dense, 1 shared expert, sigmoid/noaux_tc routing
-         with a non-zero bias, YaRN) for tests and the default `hybrid generate` run;
+         with a non-zero bias, YaRN) for tests; trained (train/recipes.py), it is the shipped default model
+         (SHIPPED_TINY);
 - bench: K2's own expert shape (hidden 7168, expert width 2048, top-8) with 2 MoE layers x 64 experts,
          5.25 GiB of routed weights in FP8: far beyond the ~64 MiB that acts as cache here, so benchmarks
          measure memory, not cache.
@@ -12,12 +13,12 @@ tokenizer_config.json) trained at make time from a bundled corpus.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
 
 def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights: str = "fp8",
               overrides: dict | None = None, tokenizer: bool = True, quiet: bool = True) -> Path:
-    """Write a deterministic checkpoint to out_dir (created; must not already hold a model).
+    """Write a deterministic random-weight checkpoint to out_dir (created; must not already hold a model).
 
     Args:
         preset: "tiny" or "bench" (see the module docstring).
@@ -81,23 +82,46 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights:
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raw = {**PRESETS[preset], **(overrides or {})}
+    cfg = ModelConfig.from_dict(raw, source=f"preset {preset}")
+    return write_model(out_dir, raw, lambda name, spec: _init(name, spec, cfg, seed), weights=weights,
+                       ranks=tiny_ranks() if tokenizer else None, shard_bytes=_SHARD_BYTES[preset], quiet=quiet)
+
+
+def write_model(out_dir: str | Path, raw_config: dict, tensor_of: Callable[[str, TensorSpec], torch.Tensor], *,
+                weights: str = "fp8", ranks: dict[bytes, int] | None = None, shard_bytes: int = 1 << 20,
+                quiet: bool = True, finish: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint in the release layout: config.json, generation_config.json, safetensors shards
+    + index (block-FP8 or BF16 as the K2 release stores each tensor), and K2-format tokenizer files.
+
+    Args:
+        out_dir: the folder to create; it must not exist or be empty.
+        raw_config: config.json's fields (quantization_config is added for weights="fp8").
+        tensor_of: (checkpoint name, TensorSpec) -> float tensor of spec.shape, for every name of the
+            config's tensor table (hybrid/core/weights.py), called in checkpoint order.
+        weights: "fp8" or "bf16".
+        ranks: tokenizer ranks to write (hybrid.text.bpe), or None for a folder without tokenizer.
+        shard_bytes: shard size limit.
+        finish: called with the temporary folder before it is renamed into place, to add files.
+    Returns: out_dir, which appears complete only at the end (written beside it, then renamed).
+    """
     if weights not in ("fp8", "bf16"):
         raise ValueError(f"weights must be 'fp8' or 'bf16', got {weights!r}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder or delete it")
-    raw = {**PRESETS[preset], **(overrides or {})}
-    if weights == "fp8":
-        raw["quantization_config"] = FP8_QUANT_CONFIG
-    cfg = ModelConfig.from_dict(raw, source=f"preset {preset}")
+    raw = {**raw_config, **({"quantization_config": FP8_QUANT_CONFIG} if weights == "fp8" else {})}
+    cfg = ModelConfig.from_dict(raw, source=f"{out}/config.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))   # private to this call
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"]}, indent=2) + "\n")
-    write_sharded(tmp, _tensors(cfg, seed, weights, quiet), _SHARD_BYTES[preset])
-    if tokenizer:
-        write_tokenizer(tmp, tiny_ranks())
+    write_sharded(tmp, _tensors(cfg, tensor_of, weights, quiet), shard_bytes)
+    if ranks is not None:
+        write_tokenizer(tmp, ranks)
+    if finish is not None:
+        finish(tmp)
     try:
         if out.exists():
             out.rmdir()
@@ -106,16 +130,18 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").is_file():
             raise
-        # another process finished the same model first (ensure_default_tiny from two commands at once)
+        # another process finished the same model first (two make-tiny calls into one folder at once)
     return out
 
 
-def _tensors(cfg: ModelConfig, seed: int, weights: str, quiet: bool):
+def _tensors(cfg: ModelConfig, tensor_of, weights: str, quiet: bool):
     table: dict[str, TensorSpec] = dict(dense_tensors(cfg))
     for layer in cfg.moe_layers:
         table.update(expert_tensors(cfg, layer))
     for i, (name, spec) in enumerate(table.items()):
-        w = _init(name, spec, cfg, seed)
+        w = tensor_of(name, spec)
+        if tuple(w.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r} has shape {list(w.shape)}, but config.json needs {list(spec.shape)}")
         if not quiet and i % 64 == 0:
             print(f"  {i}/{len(table)} tensors", flush=True)
         if spec.fp8 and weights == "fp8":
@@ -142,19 +168,22 @@ def _init(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Ten
     return torch.randn(spec.shape, generator=g) / spec.shape[1] ** 0.5
 
 
+# The default model of `hybrid generate`, `hybrid serve` and `hybrid profile`: the tiny preset trained with
+# MuonClip by `python -m train --recipe tiny` (train/recipes.py; README "Training"), committed as package
+# data so that a first run neither trains nor downloads anything.
+SHIPPED_TINY = Path(__file__).resolve().parent / "tiny_k2"
+
+
 def default_tiny_dir() -> Path:
-    """The tiny model `hybrid generate` uses when no --model is given (made on first use). The folder name
-    carries a hash of the preset and the tokenizer corpus, so a change to either makes a new model instead
-    of reusing a stale one."""
-    from hybrid.text.bpe import CORPUS
-    base = Path(os.environ.get("HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid")
-    h = hashlib.sha256(json.dumps(PRESETS["tiny"], sort_keys=True).encode() + Path(CORPUS).read_bytes())
-    return base / f"tiny-fp8-seed0-{h.hexdigest()[:10]}"
+    """The folder of the shipped trained tiny model."""
+    return SHIPPED_TINY
 
 
 def ensure_default_tiny() -> Path:
+    """The shipped tiny model's folder; FileNotFoundError with the fix when the install lacks it."""
     d = default_tiny_dir()
     if not (d / "config.json").is_file():
-        d.parent.mkdir(parents=True, exist_ok=True)
-        make_tiny(d)
+        raise FileNotFoundError(f"the shipped tiny model is missing from {d}; reinstall the package "
+                                "(pip install -e .), or pass --model DIR (`hybrid make-tiny --out DIR` "
+                                "writes a random-weight one)")
     return d
