@@ -1,5 +1,5 @@
 # Two commands for a newcomer; each installs what is missing first (a .venv in this folder).
-#   make run    generate from the bundled tiny model (made on first use)
+#   make run    generate from the bundled tiny model (trained with MuonClip, shipped in hybrid/models/tiny_k2)
 #   make test   the test suite (heavy cases are marked slow; `make test-all` runs them too)
 PY ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/hybrid generate --prompt "Hello, who are you?" --max-new-tokens 24
+	$(VENV)/bin/hybrid generate --prompt "Hello, who are you?" --max-new-tokens 40
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
