@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/hybrid generate --prompt "Hello, who are you?" --max-new-tokens 40
+	$(VENV)/bin/hybrid generate --prompt "Hello, who are you?" --max-new-tokens 100
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
