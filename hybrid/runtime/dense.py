@@ -182,26 +182,19 @@ class DeviceLinear(PackedModule):
         return F.linear(x, self.weight())
 
 
-class DeviceKVUp(PackedModule):
-    """kv_b_proj kept packed on the device; each use dequantizes it (KVUp's contract)."""
+class DeviceKVUp(DeviceLinear):
+    """kv_b_proj kept packed on the device; each use dequantizes it (gpu_attn.mla.KVUp's contract)."""
 
     def __init__(self, r: int, nh: int, dn: int, dv: int, dense: DeviceDense):
-        super().__init__()
+        super().__init__(r, nh * (dn + dv), dense)
         self.r, self.nh, self.dn, self.dv = r, nh, dn, dv
-        self.lin = DeviceLinear(r, nh * (dn + dv), dense)
 
-    def fill(self, reader, name):
-        self.lin.fill(reader, name)
-
-    def forward(self, c):
-        return self.lin(c)
-
-    def absorb_q(self, q_nope):
-        w = self.lin.weight().view(self.nh, self.dn + self.dv, self.r)
+    def absorb_q(self, q_nope):                                      # [T, nh, dn] -> [nh, T, r]
+        w = self.weight().view(self.nh, self.dn + self.dv, self.r)
         return torch.bmm(q_nope.transpose(0, 1), w[:, : self.dn])
 
-    def absorb_o(self, lat):
-        w = self.lin.weight().view(self.nh, self.dn + self.dv, self.r)
+    def absorb_o(self, lat):                                         # [nh, T, r] -> [T, nh, dv]
+        w = self.weight().view(self.nh, self.dn + self.dv, self.r)
         return torch.bmm(lat, w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
 
 
