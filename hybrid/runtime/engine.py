@@ -228,7 +228,7 @@ class Engine:
                 "decode_tokens_per_s": _rate(t.decode_tokens, t.decode_seconds),
                 "expert_activations": {"hot_set": served.hot_set, "cpu": served.cpu, "device": served.device,
                                        "total": served.total},
-                "experts": self.info.experts, "dense": self.info.dense, "device": str(self.device),
+                "experts": self.info.experts, "dense": self.info.dense, "device": self.info.plan.device,
                 "expert_backend": asdict(backend),
                 "scheduler": {**asdict(self.scheduler.stats), "running": len(self.scheduler.running),
                               "waiting": len(self.scheduler.waiting)},
