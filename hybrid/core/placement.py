@@ -172,7 +172,8 @@ class PlacementPlan:
                  f"{self.context} tokens):"]
         for s in self.shares:
             moe_here = sum(1 for L in self.moe_layer_ids if L in s.layers)
-            lines.append("  " + s.describe(moe_here, self.experts_per_layer, f"device {s.index} ({self.devices[s.index]})"))
+            name = f"device {s.index} ({self.devices[s.index]})"
+            lines.append("  " + s.describe(moe_here, self.experts_per_layer, name))
         if len(self.shares) < len(self.devices):
             rest = self.devices[len(self.shares):]
             lines.append(f"  device {len(self.shares)}-{len(self.devices) - 1} ({', '.join(rest)}): unused "

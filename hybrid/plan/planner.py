@@ -7,9 +7,10 @@ Steps: bytes of the model under this runtime's placement (hybrid.plan.perf.Model
 cache on the GPUs in the compute dtype, routed experts in host RAM in `fmt`, hot-set experts on the GPUs
 packed (with one decode buffer per GPU) or dequantized, as the runtime keeps them)
 -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
-layer, as the runtime keeps it; hybrid.core.device_map, the code hybrid.load splits with) -> hit rates and copies per token of each policy, by replaying a routing trace
+layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
 through hybrid.core.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
-seconds per token from hybrid.plan.perf with the machine's rates.
+seconds per token from hybrid.plan.perf with the machine's rates. The split is hybrid.core.device_map's: the
+code hybrid.load splits a device map with.
 """
 from __future__ import annotations
 
