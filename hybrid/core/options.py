@@ -37,10 +37,28 @@ def _size(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _check_devices(device: str, devices: str | None) -> None:
+    """devices: None, "auto" or names separated by commas (each checked against the machine at load)."""
+    if devices is None:
+        return
+    if not isinstance(devices, str) or not devices.strip():
+        raise ValueError(f"devices={devices!r}: write device names separated by commas, e.g. cuda:0,cuda:1, or auto")
+    if any(not name.strip() for name in devices.split(",")):
+        raise ValueError(f"devices={devices!r} has an empty entry; write e.g. cuda:0,cuda:1")
+    if str(device) != "auto":
+        raise ValueError(f"give device={device!r} or devices={devices!r}, not both (--device names one device, "
+                         f"--devices a map of several)")
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = _opt("auto", "auto | cpu | cuda[:N]: where attention, the router, the shared expert, dense "
                                 "layers, lm_head and the expert hot set run (auto: CUDA if present, else the CPU)")
+    devices: str | None = _opt(None, "a device map instead of one device: cuda:0,cuda:1,... or auto (every CUDA "
+                                     "device); the layers are split in contiguous ranges as `hybrid plan` splits "
+                                     "them (embeddings on the first, lm_head on the last), each device with its own "
+                                     "KV cache and hot set; the CPU experts are shared. The CPU may be listed more "
+                                     "than once (cpu,cpu: the stand-in, for tests)")
     dtype: str = _opt("auto", "device compute dtype: auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16")
     experts: str = _opt("auto", "routed-expert format on the CPU (auto = the checkpoint's own: fp8 for the "
                                 "official release; torch = every expert dequantized on the device, the reference)",
@@ -87,6 +105,7 @@ class RuntimeOptions:
         if self.prefetch == "static" and self.placement is None:
             raise ValueError("prefetch='static' needs a placement file (placement=..., --placement FILE); "
                              "`hybrid profile` writes one")
+        _check_devices(self.device, self.devices)
         if self.experts != "auto":       # an explicit format is known now; "auto" is checked once the store is read
             resolve_hot_set_format(self.hot_set_format, self.experts)
         for name in ("threads", "context", "max_batch", "max_batch_tokens", "kv_block_size"):

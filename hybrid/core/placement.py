@@ -1,7 +1,9 @@
-"""Placement: what lives on the device, what in host RAM, and how many routed experts the hot set holds.
+"""Placement: what lives on the device(s), what in host RAM, and how many routed experts the hot set holds.
 
 plan_placement() is a pure function of the config, the expert format, the context and the memory sizes;
 it returns a frozen PlacementPlan that the loader applies once and `hybrid generate` prints at start-up.
+With several devices (a device map) the layers are split by hybrid.core.device_map.place, the code `hybrid
+plan` splits them with, over the runtime's own byte counts (DeviceBytes).
 Hot-set experts are kept in one of two forms (hot_set_format): "packed", the store's own bytes (INT4 codes +
 scales, FP8 codes + block scales: 23.6 MiB per K2 expert in INT4), decoded per use into one buffer per device;
 or "bf16", dequantized to the compute dtype (84 MiB per K2 expert in bf16). Impossible requests (a context whose
@@ -16,7 +18,8 @@ from quant.formats import bytes_per_matrix
 from quant.layout import SECTION_ALIGN, make_layout
 
 from hybrid.core.config import ModelConfig
-from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes
+from hybrid.core.device_map import DeviceShare, Devices, PlanError, gib, place
+from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes, numel
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -24,10 +27,6 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 HOT_SET_FORMATS = ("packed", "bf16")   # how a resident expert is kept: store bytes, or the compute dtype
 PACKABLE = ("int4", "fp8")              # store formats a packed hot set keeps (bf16 is its own packed form)
-
-
-class PlanError(ValueError):
-    """The requested placement cannot work on this machine; the message carries the numbers."""
 
 
 def resolve_hot_set_format(requested: str, expert_format: str) -> str:
@@ -74,19 +73,53 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def gib(n: float) -> str:
-    """Bytes for people: GiB with two decimals, MiB below 1 GiB."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+@dataclass(frozen=True)
+class DeviceBytes:
+    """A model's bytes on the device side as the runtime keeps them (hybrid.core.device_map.MapCost): dense
+    tensors in the compute dtype (the router in float32), the KV cache in the compute dtype, hot-set experts in
+    their form (hot_expert_bytes)."""
+    layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is MoE, attention bytes, MLP bytes, params)
+    embed_bytes: int
+    head_bytes: int                                  # final norm + lm_head
+    kv_bytes_per_token: int                          # per layer
+    expert_device: int
+    decode_buffer: int
+    n_experts: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, form: str,
+           group_size: int = 32) -> "DeviceBytes":
+        """form: the resolved hot-set form ("packed" | "bf16")."""
+        n = cfg.num_hidden_layers
+        attn, ffn, params = [0] * n, [0] * n, [0] * n
+        embed = head = 0
+        for name, spec in dense_tensors(cfg).items():
+            nbytes = device_nbytes(name, spec, dtype_bytes)
+            if name.startswith("model.layers."):
+                L = int(name.split(".")[2])
+                (ffn if ".mlp." in name else attn)[L] += nbytes
+                params[L] += numel(spec)
+            elif name == "model.embed_tokens.weight":
+                embed += nbytes
+            else:
+                head += nbytes
+        per_expert, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
+        return cls(tuple((cfg.is_moe_layer(L), attn[L], ffn[L], params[L]) for L in range(n)), embed, head,
+                   cfg.kv_cache_dim * dtype_bytes, per_expert, buffer, cfg.n_routed_experts)
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.embed_bytes + sum(a + f for _, a, f, _ in self.layers) + self.head_bytes
 
 
 @dataclass(frozen=True)
 class PlacementPlan:
-    device: str
+    device: str                 # the device, or the device map's devices joined by commas
     compute_dtype_bytes: int
     context: int
-    device_memory: int          # bytes the plan may use on the device
-    dense_bytes: int            # embeddings, attention, router, shared experts, dense MLPs, lm_head
-    kv_cache_bytes: int         # compressed MLA cache for `context` tokens
+    device_memory: int          # bytes the plan may use on each device
+    dense_bytes: int            # embeddings, attention, router, shared experts, dense MLPs, lm_head (all devices)
+    kv_cache_bytes: int         # compressed MLA cache for `context` tokens (all devices)
     expert_device_bytes: int    # one resident routed expert on the device (packed, or in the compute dtype)
     experts_per_layer: int      # hot-set capacity of each MoE layer
     moe_layers: int
@@ -97,19 +130,24 @@ class PlacementPlan:
     host_memory: int
     mmap: bool
     hot_set_format: str         # "packed" | "bf16" (resolve_hot_set_format)
-    decode_buffer_bytes: int    # packed: one expert in the compute dtype, the per-use decode target; bf16: 0
+    decode_buffer_bytes: int    # packed: one expert in the compute dtype, the per-use decode target (per device)
+    devices: tuple[str, ...] = ()          # the device map, by name (one entry: a single device)
+    shares: tuple[DeviceShare, ...] = ()   # what each device holds (hybrid.core.device_map), in layer order
+    moe_layer_ids: tuple[int, ...] = ()
 
     @property
     def hot_set_bytes(self) -> int:
+        """All devices' hot sets, each packed one with its decode buffer."""
         if not self.experts_per_layer:
             return 0
-        return self.experts_per_layer * self.moe_layers * self.expert_device_bytes + self.decode_buffer_bytes
+        return self.experts_per_layer * self.moe_layers * self.expert_device_bytes + \
+            self.decode_buffer_bytes * max(1, sum(1 for s in self.shares if s.hot_bytes))
 
     def hot_set_form(self) -> str:
         """How one resident expert is kept, in words."""
         if self.hot_set_format == "packed":
             return (f"packed {self.expert_format}, {gib(self.expert_device_bytes)} each, decoded per use into one "
-                    f"{gib(self.decode_buffer_bytes)} buffer")
+                    f"{gib(self.decode_buffer_bytes)} buffer{' per device' if len(self.devices) > 1 else ''}")
         return f"dequantized, {gib(self.expert_device_bytes)} each"
 
     @property
@@ -117,15 +155,37 @@ class PlacementPlan:
         return self.experts_per_layer / self.n_routed_experts if self.n_routed_experts else 0.0
 
     def describe(self) -> str:
+        if len(self.devices) > 1:
+            return self._describe_map()
         return "\n".join([
             f"placement on {self.device} (context {self.context} tokens):",
             f"  device: dense weights {gib(self.dense_bytes)} + KV cache {gib(self.kv_cache_bytes)} + hot set "
             f"{gib(self.hot_set_bytes)} ({self.experts_per_layer}/{self.n_routed_experts} experts x "
             f"{self.moe_layers} MoE layers, {self.hot_set_share:.0%}; {self.hot_set_form()}) of "
             f"{gib(self.device_memory)}",
-            f"  host:   routed experts ({self.expert_format}) {gib(self.host_store_bytes)} of "
-            f"{gib(self.host_memory)} RAM{' (memory-mapped)' if self.mmap else ''}",
+            self._host_line(),
         ])
+
+    def _describe_map(self) -> str:
+        """One line per device of the map (DeviceShare.describe, as `hybrid plan` prints it), then the hot set."""
+        lines = [f"placement on {len(self.devices)} devices, {gib(self.device_memory)} each (context "
+                 f"{self.context} tokens):"]
+        for s in self.shares:
+            moe_here = sum(1 for L in self.moe_layer_ids if L in s.layers)
+            name = f"device {s.index} ({self.devices[s.index]})"
+            lines.append("  " + s.describe(moe_here, self.experts_per_layer, name))
+        if len(self.shares) < len(self.devices):
+            rest = self.devices[len(self.shares):]
+            lines.append(f"  device {len(self.shares)}-{len(self.devices) - 1} ({', '.join(rest)}): unused "
+                         f"(everything fits on fewer devices)")
+        lines.append(f"  hot set: {self.experts_per_layer}/{self.n_routed_experts} experts x {self.moe_layers} MoE "
+                     f"layers ({self.hot_set_share:.0%}; {self.hot_set_form()}): {gib(self.hot_set_bytes)}")
+        lines.append(self._host_line())
+        return "\n".join(lines)
+
+    def _host_line(self) -> str:
+        return (f"  host:   routed experts ({self.expert_format}) {gib(self.host_store_bytes)} of "
+                f"{gib(self.host_memory)} RAM{' (memory-mapped)' if self.mmap else ''}")
 
 
 def expert_host_bytes(cfg: ModelConfig, fmt: str, group_size: int = 32) -> int:
@@ -142,21 +202,26 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
 
 def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_format: str, context: int,
                    device_memory: int, host_memory: int, gpu_expert_budget: int | str | float = 0,
-                   mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto") -> PlacementPlan:
-    """Decide the placement. gpu_expert_budget: bytes (int or "2GiB") or a share of all routed experts
-    ("25%"); the hot set gets that much, capped by what the device has left after dense weights and KV (and,
-    packed, one decode buffer). hot_set_format: auto | packed | bf16 (resolve_hot_set_format)."""
+                   mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto",
+                   devices: tuple[str, ...] = ()) -> PlacementPlan:
+    """Decide the placement. gpu_expert_budget: bytes (int or "2GiB", all devices together) or a share of all
+    routed experts ("25%"); the hot set gets that much, capped by what the devices have left after dense weights
+    and KV (and, packed, one decode buffer each). hot_set_format: auto | packed | bf16 (resolve_hot_set_format).
+    devices: the device map by name (default: `device` alone), each offering device_memory bytes; the layers
+    are split over them as `hybrid plan` splits them (hybrid.core.device_map.place)."""
     if context <= 0 or context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    names = tuple(devices) or (device,)
     form = resolve_hot_set_format(hot_set_format, expert_format)
     moe = len(cfg.moe_layers)
-    dense = dense_device_bytes(cfg, dtype_bytes)
+    cost = DeviceBytes.of(cfg, dtype_bytes, expert_format, form, group_size)
+    dense = cost.dense_bytes
     kv = kv_cache_bytes(cfg, context, dtype_bytes)
-    per_expert_dev, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
+    per_expert_dev, buffer = cost.expert_device, cost.decode_buffer
     host_one = expert_host_bytes(cfg, expert_format, group_size)
     host_store = host_one * cfg.n_routed_experts * moe
     fixed = dense + kv
-    if fixed > device_memory:
+    if len(names) == 1 and fixed > device_memory:
         max_ctx = max(0, (device_memory - dense) // max(1, kv // context))
         raise PlanError(
             f"the device needs {gib(dense)} for dense weights + {gib(kv)} of KV cache for {context} tokens = "
@@ -166,11 +231,13 @@ def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_fo
         raise PlanError(
             f"the routed experts take {gib(host_store)} in {expert_format} but the host has {gib(host_memory)} "
             f"of RAM available; use a converted store (memory-mapped) or a smaller format such as int4")
-    capacity = _capacity(cfg, gpu_expert_budget, per_expert_dev, moe, buffer)
-    room = (device_memory - fixed - buffer) // max(1, per_expert_dev * moe) if moe else 0
-    capacity = max(0, min(capacity, room, cfg.n_routed_experts))
-    return PlacementPlan(device, dtype_bytes, context, device_memory, dense, kv, per_expert_dev, capacity, moe,
-                         cfg.n_routed_experts, expert_format, host_one, host_store, host_memory, mmap, form, buffer)
+    want = min(_capacity(cfg, gpu_expert_budget, per_expert_dev, moe, buffer * len(names)), cfg.n_routed_experts)
+    kind = names[0].split(":")[0]
+    shares, capacity = place(cost, Devices(len(names), device_memory, f"{kind} device of {gib(device_memory)}",
+                                           kind="device"), context, want if moe else 0)
+    return PlacementPlan(",".join(names), dtype_bytes, context, device_memory, dense, kv, per_expert_dev, capacity,
+                         moe, cfg.n_routed_experts, expert_format, host_one, host_store, host_memory, mmap, form,
+                         buffer, names, tuple(shares), tuple(cfg.moe_layers))
 
 
 def hot_expert_bytes(cfg: ModelConfig, expert_format: str, form: str, dtype_bytes: int,

@@ -9,15 +9,17 @@ packed (with one decode buffer per GPU) or dequantized, as the runtime keeps the
 -> a layer split over the GPUs with the largest hot set that fits (the same capacity in every MoE
 layer, as the runtime keeps it) -> hit rates and copies per token of each policy, by replaying a routing trace
 through hybrid.core.policies (the engine's own classes; a synthetic K2-calibrated trace when none is given) ->
-seconds per token from hybrid.plan.perf with the machine's rates.
+seconds per token from hybrid.plan.perf with the machine's rates. The split is hybrid.core.device_map's: the
+code hybrid.load splits a device map with.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from hybrid.profile.analysis import replay, replay_layers
 from hybrid.core.config import ModelConfig
+from hybrid.core.device_map import DeviceShare as GpuShare, Devices, place as place_on
 from hybrid.plan.hardware import Machine
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
 from hybrid.core.placement import PlanError, gib, share_of_experts
@@ -26,28 +28,6 @@ from hybrid.profile.trace import Trace, TraceModel
 from quant.formats import FORMAT_NAMES
 
 AUTO_TRANSFER = AUTO_LOADS_PER_TOKEN      # the runtime's transfer_budget="auto", in copies per token per MoE layer
-
-
-@dataclass(frozen=True)
-class GpuShare:
-    index: int
-    first_layer: int
-    last_layer: int
-    embed: bool
-    head: bool
-    dense_bytes: int
-    kv_bytes: int
-    hot_bytes: int
-    free_bytes: int
-
-    def describe(self, moe_on_gpu: int, per_layer: int) -> str:
-        """One line: what this GPU holds (its hot set includes the decode buffer of a packed hot set)."""
-        parts = (["embeddings"] if self.embed else []) + \
-            ([f"layers {self.first_layer}-{self.last_layer}"] if self.last_layer >= self.first_layer else []) + \
-            (["lm_head"] if self.head else [])
-        return (f"GPU {self.index}: {' + '.join(parts)}: dense {gib(self.dense_bytes)} + KV {gib(self.kv_bytes)} + "
-                f"hot set {gib(self.hot_bytes)} ({per_layer} experts x {moe_on_gpu} MoE layers), "
-                f"{gib(self.free_bytes)} free")
 
 
 @dataclass(frozen=True)
@@ -138,65 +118,9 @@ def host_check(cfg: ModelConfig, cost: ModelCost, m: Machine, fmt: str) -> tuple
     return store, need
 
 
-def split_layers(cost: ModelCost, m: Machine, context: int, cap: int) -> list[GpuShare] | None:
-    """Contiguous layers per GPU, filled in order (embeddings first, lm_head last) with `cap` hot experts per
-    MoE layer; None when they do not fit."""
-    full = m.gpu.memory - m.gpu_reserve
-    buf = cost.decode_buffer if cap else 0       # a packed hot set's decode buffer, room kept on every GPU
-    usable = full - buf
-    kv = context * cost.kv_bytes_per_token
-    items = [("embed", cost.embed_bytes, 0, 0)] + [
-        (L, a + f, kv, cap * cost.expert_device if moe else 0) for L, (moe, a, f, _) in enumerate(cost.layers)] + \
-        [("head", cost.head_bytes, 0, 0)]
-    shares, g, cur = [], 0, []
-
-    def close(group):
-        layers = [it[0] for it in group if isinstance(it[0], int)]
-        dense, kvb, hot = (sum(it[i] for it in group) for i in (1, 2, 3))
-        hot += buf if hot else 0
-        shares.append(GpuShare(len(shares), layers[0] if layers else 0, layers[-1] if layers else -1,
-                               any(it[0] == "embed" for it in group), any(it[0] == "head" for it in group),
-                               dense, kvb, hot, full - dense - kvb - hot))
-    used = 0
-    for it in items:
-        size = it[1] + it[2] + it[3]
-        if size > usable:
-            return None
-        if used + size > usable:
-            close(cur)
-            g, cur, used = g + 1, [], 0
-            if g >= m.n_gpus:
-                return None
-        cur.append(it)
-        used += size
-    close(cur)
-    return shares
-
-
 def place(cost: ModelCost, m: Machine, context: int, want: int) -> tuple[list[GpuShare], int]:
-    """The GPU split with min(want, the most that fits) hot experts per MoE layer; PlanError with the most
-    context that fits when even no hot set does."""
-    base = split_layers(cost, m, context, 0)
-    if base is None:
-        lo, hi = 0, context
-        while lo < hi:                                   # the most context that fits, without a hot set
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if split_layers(cost, m, mid, 0) else (lo, mid - 1)
-        total = m.n_gpus * (m.gpu.memory - m.gpu_reserve)
-        fixed = cost.embed_bytes + sum(a + f for _, a, f, _ in cost.layers) + cost.head_bytes
-        kv = context * cost.kv_bytes_per_token * len(cost.layers)
-        more = next((n for n in range(m.n_gpus + 1, 65) if split_layers(cost, replace(m, n_gpus=n), context, 0)), None)
-        gpus = f"{more} x {m.gpu.name} would hold it" if more else "no count of these GPUs up to 64 would hold it"
-        hint = (f"the most context that fits is {lo} tokens (--context {lo}); for {context} tokens {gpus}" if lo > 0
-                else f"even without a KV cache the dense weights do not fit; {gpus}")
-        raise PlanError(f"{m.n_gpus} x {m.gpu.name} offer {gib(total)} after a {gib(m.gpu_reserve)} reserve each, "
-                        f"but dense weights take {gib(fixed)} and the KV cache for {context} tokens {gib(kv)} "
-                        f"(layers are not split inside a GPU); {hint}")
-    lo, hi = 0, min(want, cost.n_experts)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if split_layers(cost, m, context, mid) else (lo, mid - 1)
-    return split_layers(cost, m, context, lo), lo
+    """The GPU split of hybrid.core.device_map.place (the runtime's own) on the machine's GPUs."""
+    return place_on(cost, Devices(m.n_gpus, m.gpu.memory - m.gpu_reserve, m.gpu.name, m.gpu_reserve), context, want)
 
 
 def hit_rates(trace: Trace, capacity: int, policies, loads_per_token: float, max_layers: int = 4) -> tuple[dict, list]:

@@ -17,15 +17,17 @@ from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan, parse_size
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, make_policy
 from hybrid.core.weights import expert_names, expert_shapes
+from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.experts import CpuExperts, ExpertBackend, TorchExperts
 from hybrid.runtime.hotset import HybridExperts
 
 
-def build_torch_experts(cfg: ModelConfig, ckpt, dev: torch.device, dt: torch.dtype, stores=None) -> TorchExperts:
-    """Every routed expert dequantized on the device: from the checkpoint, or from a converted store."""
+def build_torch_experts(cfg: ModelConfig, ckpt, devices: DeviceMap, dt: torch.dtype, stores=None) -> TorchExperts:
+    """Every routed expert dequantized on its layer's device: from the checkpoint, or from a converted store."""
     shapes = expert_shapes(cfg)
     weights = {}
     for layer in cfg.moe_layers:
+        dev = devices.device_of(layer)
         mats = [[], [], []]
         for e in range(cfg.n_routed_experts):
             if stores is not None:
@@ -51,16 +53,16 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
 
 
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan,
-                      routers: dict[int, Router], dev: torch.device, dt: torch.dtype, pool,
+                      routers: dict[int, Router], devices: DeviceMap, dt: torch.dtype, pool,
                       placement: dict | None = None) -> ExpertBackend:
     """CPU kernels over `stores` on `pool` (a cpu_experts.RowPool), with a hot set in front when the plan has
-    room for one. On a CPU device they run synchronously (scheduled between the dense layers' turns on the
-    same threads, not overlapped with them).
+    room for one (on each device of the map, for its layers). On a CPU device they run synchronously
+    (scheduled between the dense layers' turns on the same threads, not overlapped with them).
 
     placement: {layer: [expert ids]} (read_placement) for the static policy; ignored by the others.
     routers: the model's routers (look-ahead hints for the router policy)."""
     from cpu_experts import CpuMoE
-    cpu = CpuExperts(CpuMoE(stores, activations=opts.activations, pool=pool), synchronous=dev.type == "cpu")
+    cpu = CpuExperts(CpuMoE(stores, activations=opts.activations, pool=pool), synchronous=devices.first.type == "cpu")
     if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
         return cpu
     policy_name = "router" if opts.prefetch == "auto" else opts.prefetch
@@ -69,7 +71,7 @@ def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan
     cap = plan.experts_per_layer
     policies = {L: make_policy(policy_name, cfg.n_routed_experts, cap, per_token, placement.get(L, [])[:cap])
                 for L in cfg.moe_layers}
-    return HybridExperts(cpu, stores, policies, dev, dt, routers, plan.hot_set_format)
+    return HybridExperts(cpu, stores, policies, devices, dt, routers, plan.hot_set_format)
 
 
 def _loads_per_token(budget, plan: PlacementPlan) -> float:

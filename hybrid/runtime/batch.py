@@ -2,7 +2,8 @@
 
 T = tokens of the step (all sequences, in order), S = cache rows one sequence attends, D = r + dr.
 
-    KVPool: kv [layers, n_blocks * block_size, D] on the device. Slot s = block * block_size + offset.
+    KVPool: kv [layers, n_blocks * block_size, D] on the device. Slot s = block * block_size + offset. A device
+            map keeps one per device for its own layers (hybrid/runtime/device_map.py: KVPools).
     Batch:  ids, positions, slots [T] (where each token's cache row goes) and one Segment per sequence:
             its rows of T, the cache slots of its positions 0..S-1 (a plain range when its blocks are
             consecutive, so attention reads a view instead of gathering a copy), and the attention form
@@ -11,7 +12,7 @@ build_batch() turns the scheduler's [(Sequence, n_tokens)] into a Batch with a f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +45,11 @@ class Segment:
     ctx_slots: torch.Tensor | None          # else: the slots to gather, [context] long on the device
     absorbed: bool                          # MLA's absorbed form (one new token) or expanded (a chunk)
 
+    def to(self, device: torch.device) -> "Segment":
+        if self.ctx_slots is None:
+            return self
+        return replace(self, ctx_slots=self.ctx_slots.to(device))
+
     def rows(self, kv: torch.Tensor) -> torch.Tensor:
         """This segment's context rows [S, D] from one layer's cache."""
         if self.ctx_slots is None:
@@ -63,6 +69,13 @@ class Batch:
     @property
     def n_tokens(self) -> int:
         return int(self.ids.shape[0])
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same step with its index tensors on `device` (the next device of a map); itself when there."""
+        if self.positions.device == device:
+            return self
+        return replace(self, ids=self.ids.to(device), positions=self.positions.to(device),
+                       slots=self.slots.to(device), segments=tuple(s.to(device) for s in self.segments))
 
 
 def build_batch(work: list[tuple[Sequence, int]], block_size: int, device: torch.device,

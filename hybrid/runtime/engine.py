@@ -15,7 +15,9 @@ One step (where each tensor lives; "device" is CUDA, or the CPU standing in for 
                      wait -> routed sum copied back to the device -> + shared -> +residual
     -> final RMSNorm -> lm_head on the last row of each sequence whose tokens are all computed
     -> logits float32 -> each request's Sampler (host) -> its callback; finished sequences free their blocks
-A request alone is the same path with a batch of one.
+A request alone is the same path with a batch of one. With a device map (hybrid/runtime/device_map.py) the layers
+run on their own devices in turn: the hidden state [T, H] is copied to the next device at each boundary, each
+device reads and writes its own layers' KV pool (block ids shared), and the logits come from the last device.
 
     eng.generate(ids, 16)                              # one request, blocking
     eng.generate_many([Request(ids_a, 16), Request(ids_b, 32)])   # several at once, batched
@@ -33,8 +35,9 @@ import torch
 from hybrid.core.config import ModelConfig
 from hybrid.core.placement import PlacementPlan
 from hybrid.core.sampling import SamplingParams
-from hybrid.runtime.batch import KVPool, build_batch
+from hybrid.runtime.batch import build_batch
 from hybrid.runtime.blocks import BlockManager
+from hybrid.runtime.device_map import KVPools, device_stats
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.model import K2Model
 from hybrid.runtime.moe import RouteListeners, RouteObserver
@@ -104,7 +107,7 @@ class Engine:
         self.cfg, self.model, self.experts, self.tokenizer = cfg, model, experts, tokenizer
         self.device, self.dtype, self.info, self.routes, self.batching = device, dtype, info, routes, batching
         self.dense_packed = info.dense != "torch"
-        self.kv = KVPool(cfg.num_hidden_layers, batching.n_blocks, batching.block_size, cfg.kv_cache_dim, dtype, device)
+        self.kv = KVPools(model.devices, batching.n_blocks, batching.block_size, cfg.kv_cache_dim, dtype)
         self.blocks = BlockManager(batching.n_blocks, batching.block_size, batching.prefix_cache)
         self.scheduler = Scheduler(self.blocks, batching.max_batch, batching.max_batch_tokens)
         self._next_id = 0
@@ -203,7 +206,7 @@ class Engine:
         with torch.inference_mode():
             h = self.model.hidden(batch, self.kv)
             ready = [(seq, seg) for (seq, n), seg in zip(work, batch.segments) if seq.to_compute == n]
-            rows = torch.tensor([seg.start + seg.length - 1 for _, seg in ready], dtype=torch.long, device=self.device)
+            rows = torch.tensor([seg.start + seg.length - 1 for _, seg in ready], dtype=torch.long, device=h.device)
             logits = self.model.logits(h.index_select(0, rows)).cpu() if ready else None
         prompt = sum(max(0, min(seq.n_computed + n, seq.prompt_len) - seq.n_computed) for seq, n in work)
         for seq, n in work:
@@ -241,7 +244,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Tokens and seconds per phase, tokens/s, routed-expert activations by tier, the backend's counters,
-        the scheduler's and the prefix cache's."""
+        the scheduler's and the prefix cache's, and per device of the map its layers, KV bytes and hot-set hits."""
         t = self.times
         backend = self.experts.stats()
         served = backend.served
@@ -250,13 +253,14 @@ class Engine:
                 "decode_tokens_per_s": _rate(t.decode_tokens, t.decode_seconds),
                 "expert_activations": {"hot_set": served.hot_set, "cpu": served.cpu, "device": served.device,
                                        "total": served.total},
-                "experts": self.info.experts, "dense": self.info.dense, "device": str(self.device),
+                "experts": self.info.experts, "dense": self.info.dense, "device": self.info.plan.device,
                 "expert_backend": asdict(backend),
                 "scheduler": {**asdict(self.scheduler.stats), "running": len(self.scheduler.running),
                               "waiting": len(self.scheduler.waiting)},
                 "kv_blocks": {"total": self.blocks.n_blocks, "in_use": self.blocks.in_use,
                               "cached": len(self.blocks.idle), "block_size": self.blocks.block_size},
-                "prefix_cache": asdict(self.blocks.stats)}
+                "prefix_cache": asdict(self.blocks.stats),
+                "devices": device_stats(self.model.devices, self.kv, backend)}
 
     def add_route_listener(self, fn: RouteObserver) -> Callable[[], None]:
         """Call fn(layer, topk_ids [T, k], topk_weights [T, k], phase) for every MoE layer's routing, where
@@ -333,7 +337,8 @@ class Engine:
 
     def _time(self, phase: str, prompt_tokens: int, sampled: int, t0: float) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            for d in dict.fromkeys(s.device for s in self.model.devices.spans):   # hot-set copies included
+                torch.cuda.synchronize(d)
         t, dt = self.times, time.perf_counter() - t0
         t.steps += 1
         if phase == "prefill":

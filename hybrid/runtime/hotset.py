@@ -14,7 +14,9 @@ Resident experts are kept in one of two forms (hot_set_format, chosen by the pla
 Both multiply the same compute-dtype weights with the same ops, so tokens and logits do not depend on the form.
 Copies go through the device's ExpertCopier (hybrid/runtime/expert_copy.py): on CUDA the packed bytes are staged
 in reused pinned slots and cross on the copier's side stream, and the layer's next use waits on that copy's
-event; on the CPU stand-in a copy is a real, timed memory copy. Results do not depend on where an expert ran
+event; on the CPU stand-in a copy is a real, timed memory copy. With a device map each device has its own
+ExpertCopier and DecodeBuffer for its MoE layers (so each link moves its experts at once with the others); the
+CPU experts behind them are one, shared. Results do not depend on where an expert ran
 beyond the CPU kernel's own rounding (both sides use the same stored weights).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from gpu_attn import Router
 from hybrid.core.policies import HotSetPolicy
 from hybrid.core.placement import resolve_hot_set_format
+from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.expert_copy import DecodeBuffer, ExpertCopier, PackedExpert
 from hybrid.runtime.experts import (LOOKAHEAD, CpuExperts, ExpertBackend, ExpertStats, ExpertTicket, HotSetStats,
                                     LayerHotSet, Served, mix_experts)
@@ -36,20 +39,26 @@ from hybrid.runtime.experts import (LOOKAHEAD, CpuExperts, ExpertBackend, Expert
 
 
 class HybridExperts(ExpertBackend):
-    def __init__(self, cpu: CpuExperts, stores: dict, policies: dict[int, HotSetPolicy], device: torch.device,
+    def __init__(self, cpu: CpuExperts, stores: dict, policies: dict[int, HotSetPolicy], devices: DeviceMap,
                  dtype: torch.dtype, routers: dict[int, Router] | None = None, hot_set_format: str = "bf16"):
         """cpu: the CPU backend for the rest; stores: layer -> LayerStore (source of copies); policies: layer ->
-        policy; routers: MoE layer -> its Router, for look-ahead (layer L's input through the routers of the
-        next LOOKAHEAD MoE layers); hot_set_format: "packed" | "bf16" (PlacementPlan.hot_set_format). Experts
-        the policies start with (a static placement) are copied now."""
+        policy; devices: where each layer runs (its device's copier and buffer hold its hot experts); routers:
+        MoE layer -> its Router, for look-ahead (layer L's input through the routers of the next LOOKAHEAD MoE
+        layers); hot_set_format: "packed" | "bf16" (PlacementPlan.hot_set_format). Experts the policies start
+        with (a static placement) are copied now."""
         self.cpu, self.stores, self.policies = cpu, stores, policies
-        self.device, self.dtype = device, dtype
-        self.lookahead = _lookahead(routers or {})
+        self.dtype = dtype
         self.resident: dict[int, dict[int, PackedExpert | tuple[torch.Tensor, ...]]] = {L: {} for L in policies}
         spec = next(iter(stores.values())).spec
         self.packed = resolve_hot_set_format(hot_set_format, spec.fmt) == "packed"
-        self.copier = ExpertCopier(device)
-        self.buffer = DecodeBuffer(spec, device, dtype) if self.packed else None
+        spans = {L: devices.span_of(L) for L in policies}
+        used = {s.index: s for s in spans.values()}
+        self.copiers = {i: ExpertCopier(s.device) for i, s in used.items()}              # one per device
+        self.buffers = {i: DecodeBuffer(spec, s.device, dtype) for i, s in used.items()} if self.packed else {}
+        self._device = {L: s.device for L, s in spans.items()}
+        self._copier = {L: self.copiers[s.index] for L, s in spans.items()}
+        self._buffer = {L: self.buffers[s.index] for L, s in spans.items()} if self.packed else {}
+        self.lookahead = _lookahead(routers or {}, self._device)
         self._ready: dict[int, torch.cuda.Event] = {}
         self._pred: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)   # target -> (distance, ids)
         self.reset_stats()
@@ -65,7 +74,7 @@ class HybridExperts(ExpertBackend):
         ticket = self.cpu.submit(layer, h, cpu_ids, w, phase)
         t0 = time.perf_counter()
         if layer in self._ready:
-            torch.cuda.current_stream(self.device).wait_event(self._ready.pop(layer))
+            torch.cuda.current_stream(self._device[layer]).wait_event(self._ready.pop(layer))
         ticket.partial = mix_experts(h, ids, w, decision.hits, ids_np, self._weights(layer))
         ticket.decision = decision
         self._hint(layer, h)
@@ -122,7 +131,7 @@ class HybridExperts(ExpertBackend):
         for e in load:
             res[e] = self._load(layer, e)
             nbytes += _nbytes(res[e])
-        ready = self.copier.record() if load else None
+        ready = self._copier[layer].record() if load else None
         if ready is not None:
             self._ready[layer] = ready
         if count:
@@ -135,19 +144,20 @@ class HybridExperts(ExpertBackend):
     def _load(self, layer: int, e: int) -> PackedExpert | tuple[torch.Tensor, ...]:
         """Expert e of `layer` on the device: packed, or (gate, up, down) in the compute dtype."""
         if self.packed:
-            return self.copier.packed(self.stores[layer], e)
-        return self.copier.dequantized(self.stores[layer], e, self.dtype)
+            return self._copier[layer].packed(self.stores[layer], e)
+        return self._copier[layer].dequantized(self.stores[layer], e, self.dtype)
 
     def _weights(self, layer: int):
         """e -> (gate, up, down) in the compute dtype: a packed expert decoded into the buffer, else its own."""
         res = self.resident[layer]
         if self.packed:
-            return lambda e: self.buffer.weights(res[e])
+            buffer = self._buffer[layer]
+            return lambda e: buffer.weights(res[e])
         return res.__getitem__
 
     def _hint(self, layer: int, h: torch.Tensor) -> None:
-        for target, router in self.lookahead.get(layer, ()):
-            pred, _ = router(h)
+        for target, router, move in self.lookahead.get(layer, ()):
+            pred, _ = router(h if move is None else h.to(move))
             pred = pred.detach().cpu().numpy()
             self._pred[target].append((target - layer, pred))
             self.policies[target].hint(pred)
@@ -170,7 +180,9 @@ def _copy_of(c: LayerHotSet) -> LayerHotSet:
     return LayerHotSet(**{**vars(c), "lookahead_hit": list(c.lookahead_hit), "lookahead_n": list(c.lookahead_n)})
 
 
-def _lookahead(routers: dict[int, Router]) -> dict[int, list[tuple[int, Router]]]:
-    """MoE layer L -> [(L', router of L')] for the next LOOKAHEAD MoE layers L'."""
+def _lookahead(routers: dict[int, Router], device: dict[int, torch.device]) -> dict[int, list[tuple]]:
+    """MoE layer L -> [(L', router of L', the device to move L's input to, None when it is already there)] for
+    the next LOOKAHEAD MoE layers L' (a router beyond a device boundary lives on the next device)."""
     moe = sorted(routers)
-    return {L: [(t, routers[t]) for t in moe[i + 1:i + 1 + LOOKAHEAD]] for i, L in enumerate(moe)}
+    return {L: [(t, routers[t], device[t] if device[t] != device[L] else None)
+                for t in moe[i + 1:i + 1 + LOOKAHEAD]] for i, L in enumerate(moe)}

@@ -1,11 +1,13 @@
 """hybrid.load: a model folder -> a ready Engine, in named steps.
 
-    resolve_source   the folder, config.json, a converted store's manifest, the expert format, device,
+    resolve_source   the folder, config.json, a converted store's manifest, the expert format, device(s),
                      dtype and threads                                                   -> Source
-    plan_for         the placement: dense weights + KV cache + hot set on the device, the store in host RAM
+    plan_for         the placement: dense weights + KV cache + hot set on the device (or split over a device
+                     map by hybrid.core.device_map, as `hybrid plan` splits it), the store in host RAM
     (checkpoint)     opened lazily; tensor names checked against the config
     build_backend    routed experts: the CPU kernels over the stores (+ a hot set), or the torch reference
-    build_model      modules on the meta device (given the routers and the backend), filled tensor by tensor
+    build_model      modules on the meta device (given the routers and the backend), one part per device of
+                     the map, filled tensor by tensor on their devices
     Engine           model + backend + tokenizer (if present)
 """
 from __future__ import annotations
@@ -25,10 +27,11 @@ from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is
 from cpu_experts import RowPool
 from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
 from hybrid.runtime.dense import DenseModules, PackedModule, modules_for
-from hybrid.runtime.device import resolve_device, resolve_dtype, resolve_threads
+from hybrid.runtime.device import resolve_devices, resolve_dtype, resolve_threads
+from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.engine import BatchConfig, Engine, LoadInfo
 from hybrid.runtime.experts import ExpertBackend
-from hybrid.runtime.model import K2Model, build_routers, set_tensor
+from hybrid.runtime.model import DevicePart, K2Model, build_routers, set_tensor
 from hybrid.runtime.moe import RouteListeners
 from quant.checkpoint import Checkpoint
 from quant.dense import DenseReader, dense_kind, stored_names
@@ -43,9 +46,14 @@ class Source:
     manifest: dict | None        # a converted store's manifest; None for an HF checkpoint
     experts: str                 # the routed-expert format this run uses (int4 | fp8 | bf16 | torch)
     dense: str                   # dense linears: "torch" (float modules) or auto | int4 | fp8 | bf16 (packed)
-    device: torch.device
+    devices: tuple[torch.device, ...]   # one, or the device map's (resolve_devices), in layer order
     dtype: torch.dtype
     threads: int
+
+    @property
+    def device(self) -> torch.device:
+        """The first device: the embeddings, and the batch's index tensors."""
+        return self.devices[0]
 
     @property
     def group_size(self) -> int:
@@ -58,14 +66,15 @@ def load(model_dir: str | Path, **options) -> Engine:
     Args:
         model_dir: an HF checkpoint folder (config.json, safetensors shards; BF16 or block-FP8) or a store
             converted by `hybrid-quant convert`.
-        **options: the fields of hybrid.core.options.RuntimeOptions, each documented there (device, dtype,
-            experts, gpu_expert_budget, prefetch, placement, transfer_budget, threads, context, gpu_memory,
-            activations); `hybrid generate --help` prints the same list.
+        **options: the fields of hybrid.core.options.RuntimeOptions, each documented there (device, devices,
+            dtype, experts, gpu_expert_budget, prefetch, placement, transfer_budget, threads, context, gpu_memory,
+            activations, ...); `hybrid generate --help` prints the same list.
     Returns:
         Engine with forward(ids), generate(ids, ...), stats(); engine.plan is the PlacementPlan.
     Example:
         >>> eng = hybrid.load("tiny-k2", device="cpu", gpu_expert_budget="25%")
         >>> eng.generate([1, 2, 3], max_new_tokens=8)
+        >>> hybrid.load("tiny-k2", devices="cuda:0,cuda:1")     # layers split over two GPUs
     """
     return load_with(model_dir, RuntimeOptions.from_kwargs(options))
 
@@ -84,17 +93,19 @@ def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
         from hybrid.core.placement_file import read_placement
         placement = read_placement(opts.placement, expect=src.cfg)   # read once: sizes the plan, seeds the set
     plan = plan_for(src, opts, placement)
+    devices = DeviceMap.of(plan, src.devices)
     routes = RouteListeners()
     pool = RowPool(src.threads)        # the CPU's threads: the routed experts and, on a CPU device, the dense layers
-    dense = modules_for(src.dense, src.device, src.dtype, pool, opts.activations)
+    parts = tuple(DevicePart(s, _rope(src.cfg, s.device), modules_for(src.dense, s.device, src.dtype, pool,
+                                                                       opts.activations)) for s in devices.spans)
     with Checkpoint.open(src.model_dir) as ckpt:
         check_checkpoint(src.cfg, ckpt, experts_in_checkpoint=src.manifest is None,
                          dense_format=(src.manifest or {}).get("dense_format"))
         reader = DenseReader(ckpt, "auto" if src.dense == "torch" else src.dense, src.manifest)
         with torch.device("meta"):
             routers = build_routers(src.cfg)
-        backend = build_backend(src, opts, plan, ckpt, routers, placement, pool)
-        model = build_model(src, ckpt, routers, backend, routes, dense, reader)
+        backend = build_backend(src, opts, plan, devices, ckpt, routers, placement, pool)
+        model = build_model(src, ckpt, routers, backend, routes, parts, reader)
         for kind, why in reader.fallbacks.items():
             warnings.warn(f"dense {kind}: {why}", stacklevel=2)
     info = LoadInfo(src.model_dir, src.experts, src.dense, src.threads, plan)
@@ -112,7 +123,11 @@ def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:
         raise FileNotFoundError(f"model folder {model_dir} does not exist; make one with "
                                 f"`hybrid make-tiny --out {model_dir}` or point at an HF checkpoint folder")
     cfg = ModelConfig.from_file(model_dir)
-    dev = resolve_device(opts.device)
+    devs = resolve_devices(opts.devices, opts.device)
+    if len(devs) > cfg.num_hidden_layers:
+        raise ValueError(f"devices={opts.devices!r} lists {len(devs)} devices but the model has "
+                         f"{cfg.num_hidden_layers} layers, and a layer is not split across devices; list at most "
+                         f"{cfg.num_hidden_layers}")
     manifest = store_manifest(model_dir)
     own = manifest["expert_format"] if manifest else ("fp8" if cfg.is_fp8_checkpoint else "bf16")
     fmt = own if opts.experts == "auto" else opts.experts
@@ -123,21 +138,22 @@ def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:
         raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
                          f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
     dense = "torch" if opts.dense == "auto" and fmt == "torch" else opts.dense
-    return Source(model_dir, cfg, manifest, fmt, dense, dev, resolve_dtype(opts.dtype, dev),
+    return Source(model_dir, cfg, manifest, fmt, dense, devs, resolve_dtype(opts.dtype, devs[0]),
                   resolve_threads(opts.threads))
 
 
 def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -> PlacementPlan:
-    """The placement for this machine: device memory from gpu_memory, CUDA's free memory, or host RAM."""
+    """The placement for this machine. Memory per device: gpu_memory, else the least CUDA memory free on any
+    device of the map, else (the CPU) the host RAM available, shared by the CPU's entries of the map."""
     import psutil
     cfg, dev = src.cfg, src.device
     host = psutil.virtual_memory().available
     if opts.gpu_memory is not None:
         dev_mem = parse_size(opts.gpu_memory)
     elif dev.type == "cuda":
-        dev_mem = torch.cuda.mem_get_info(dev)[0]
+        dev_mem = min(torch.cuda.mem_get_info(d)[0] for d in src.devices)
     else:
-        dev_mem = host
+        dev_mem = host // len(src.devices)
     budget = opts.gpu_expert_budget
     if placement is not None and budget in (0, "0", None):
         most = max((len(v) for v in placement.values()), default=0)
@@ -149,18 +165,20 @@ def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -
                           device_memory=dev_mem, host_memory=host,
                           gpu_expert_budget=0 if torch_ref or opts.prefetch == "off" else budget,
                           mmap=src.manifest is not None, group_size=src.group_size,
-                          hot_set_format="bf16" if torch_ref else opts.hot_set_format)
+                          hot_set_format="bf16" if torch_ref else opts.hot_set_format,
+                          devices=tuple(str(d) for d in src.devices))
 
 
-def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, ckpt: Checkpoint, routers: dict,
-                  placement: dict | None, pool: RowPool) -> ExpertBackend:
+def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, devices: DeviceMap, ckpt: Checkpoint,
+                  routers: dict, placement: dict | None, pool: RowPool) -> ExpertBackend:
     """The routed-expert backend: the store's memory-mapped layers, or layers converted from the checkpoint.
-    The CPU kernels run on `pool`, synchronously when the CPU is the device (the dense layers use it too)."""
+    The CPU kernels run on `pool`, synchronously when the CPU is the device (the dense layers use it too); a
+    hot set lives on each layer's device of the map."""
     stores = open_stores(src.model_dir, src.cfg) if src.manifest else None
     if src.experts == "torch":
-        return build_torch_experts(src.cfg, ckpt, src.device, src.dtype, stores)
+        return build_torch_experts(src.cfg, ckpt, devices, src.dtype, stores)
     stores = stores or build_stores(src.cfg, ckpt, src.experts)
-    return build_cpu_backend(src.cfg, stores, opts, plan, routers, src.device, src.dtype, pool, placement)
+    return build_cpu_backend(src.cfg, stores, opts, plan, routers, devices, src.dtype, pool, placement)
 
 
 def store_manifest(model_dir: Path) -> dict | None:
@@ -228,25 +246,32 @@ def _check_names(cfg: ModelConfig, ckpt: Checkpoint, expected: set[str]) -> None
 
 
 def build_model(src: Source, ckpt: Checkpoint, routers: dict, backend: ExpertBackend, routes: RouteListeners,
-                dense: DenseModules, reader: DenseReader) -> K2Model:
-    """The torch model on the meta device, then filled: packed modules from the DenseReader (each once), every
-    other tensor from the checkpoint (block-FP8 dequantized) on the device. The routers given are the model's
-    own (the backend's look-ahead holds them too), filled here."""
-    cfg, dev, dt = src.cfg, src.device, src.dtype
-    r = cfg.rope
-    rope = YarnRope(cfg.qk_rope_head_dim, r.theta, r.type, r.factor, r.original_max_position_embeddings,
-                    r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim,
-                    max_positions=min(cfg.max_position_embeddings, 8192), device=dev)
+                parts: tuple[DevicePart, ...], reader: DenseReader) -> K2Model:
+    """The torch model on the meta device, one part per device, then filled: packed modules from the
+    DenseReader (each once, on its part's device), every other tensor from the checkpoint (block-FP8
+    dequantized) on its layer's device. The routers given are the model's own (the backend's look-ahead holds
+    them too), filled here."""
+    cfg, dt = src.cfg, src.dtype
     with torch.device("meta"):
-        model = K2Model(cfg, rope, routers, backend, routes, dense)
+        model = K2Model(cfg, parts, routers, backend, routes)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedModule)}
     for name, m in packed.items():
         m.fill(reader, name)
+    dense = parts[0].dense
     for name, spec in dense_tensors(cfg).items():
         if _owner(name, packed):
             continue
-        set_tensor(model, name, _tensor(ckpt, reader, name, spec, _dtype_of(name, dt, dense)).to(dev))
+        value = _tensor(ckpt, reader, name, spec, _dtype_of(name, dt, dense))
+        set_tensor(model, name, value.to(model.devices.tensor_device(name)))
     return model.eval()
+
+
+def _rope(cfg: ModelConfig, device: torch.device) -> YarnRope:
+    """The rotary tables on `device` (each device of a map keeps its own)."""
+    r = cfg.rope
+    return YarnRope(cfg.qk_rope_head_dim, r.theta, r.type, r.factor, r.original_max_position_embeddings,
+                    r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim,
+                    max_positions=min(cfg.max_position_embeddings, 8192), device=device)
 
 
 def _owner(name: str, packed: dict) -> bool:

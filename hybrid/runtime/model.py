@@ -7,8 +7,15 @@ Routed experts are not parameters here: each MoE layer calls the expert backend 
 (hybrid/runtime/experts.py). The routers are built first and given to the model (the backend's look-ahead
 uses them too). Modules are built on the meta device and filled by the loader, so no memory is spent on
 weights that are about to be replaced.
+
+The model is built in parts, one per device of its DeviceMap (hybrid/runtime/device_map.py): each part's
+layers with that device's rope tables and dense-module factory; the embeddings with the first part, the final
+norm and lm_head with the last. One device is one part.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,8 +23,9 @@ from torch import nn
 from gpu_attn import MLA, RMSNorm, Router, YarnRope
 from gpu_attn.rope import softmax_scale
 from hybrid.core.config import ModelConfig
-from hybrid.runtime.batch import Batch, KVPool
+from hybrid.runtime.batch import Batch
 from hybrid.runtime.dense import DenseModules
+from hybrid.runtime.device_map import DeviceMap, DeviceSpan, KVPools
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.moe import MoE, RouteObserver
 
@@ -62,31 +70,56 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: YarnRope, mlps: list[nn.Module], dense: DenseModules):
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope, mlps[i], dense) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class K2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: YarnRope, routers: dict[int, Router], experts: ExpertBackend,
-                 on_route: RouteObserver | None = None, dense: DenseModules = DenseModules()):
-        """routers: MoE layer -> Router (build_routers); experts: the routed-expert backend every MoE layer
-        calls; on_route: the routing observer (the engine's RouteListeners); dense: how the dense linears and
-        MLPs are built (hybrid/runtime/dense.py: float torch modules, or packed ones)."""
-        super().__init__()
-        mlps = [MoE(L, routers[L], dense.mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts),
-                    experts, on_route) if cfg.is_moe_layer(L) else dense.mlp(cfg.hidden_size, cfg.intermediate_size)
-                for L in range(cfg.num_hidden_layers)]
-        self.model = Backbone(cfg, rope, mlps, dense)
-        self.lm_head = dense.linear(cfg.hidden_size, cfg.vocab_size)
+@dataclass(frozen=True)
+class DevicePart:
+    """What the model builds on one device: its span of layers, its rope tables (on that device), its
+    dense-module factory (hybrid/runtime/dense.py: a DeviceDense keeps one dequantization buffer per device)."""
+    span: DeviceSpan
+    rope: YarnRope
+    dense: DenseModules = DenseModules()
 
-    def hidden(self, batch: Batch, kv: KVPool) -> torch.Tensor:
-        """The batch's tokens -> final-normed hidden [T, H]; their cache rows are written into kv."""
+
+class K2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, parts: Sequence[DevicePart], routers: dict[int, Router],
+                 experts: ExpertBackend, on_route: RouteObserver | None = None):
+        """parts: one per device, in layer order (DevicePart; one for a single device); routers: MoE layer ->
+        Router (build_routers); experts: the routed-expert backend every MoE layer calls; on_route: the routing
+        observer (the engine's RouteListeners)."""
+        super().__init__()
+        part = {L: p for p in parts for L in p.span.layers}
+        layers = [DecoderLayer(cfg, L, part[L].rope, self._mlp(cfg, L, part[L].dense, routers, experts, on_route),
+                               part[L].dense) for L in range(cfg.num_hidden_layers)]
+        self.model = Backbone(cfg, layers)
+        self.lm_head = parts[-1].dense.linear(cfg.hidden_size, cfg.vocab_size)
+        self.devices = DeviceMap(tuple(p.span for p in parts))
+        # what hidden() runs: per part, the device to move the hidden state to (None: the first) and its layers
+        self._stages = tuple((p.span.device if k else None, tuple((L, layers[L]) for L in p.span.layers))
+                             for k, p in enumerate(parts))
+
+    @staticmethod
+    def _mlp(cfg: ModelConfig, L: int, dense: DenseModules, routers: dict[int, Router], experts: ExpertBackend,
+             on_route: RouteObserver | None) -> nn.Module:
+        if not cfg.is_moe_layer(L):
+            return dense.mlp(cfg.hidden_size, cfg.intermediate_size)
+        shared = dense.mlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        return MoE(L, routers[L], shared, experts, on_route)
+
+    def hidden(self, batch: Batch, kv: KVPools) -> torch.Tensor:
+        """The batch's tokens -> final-normed hidden [T, H] on the last device; their cache rows are written into
+        kv. At each further device of the map the hidden state and the step's index tensors move there."""
         h = self.model.embed_tokens(batch.ids).to(self.model.norm.weight.dtype)   # the table may stay bf16
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, batch, kv.layer(i))
+        for move, layers in self._stages:
+            if move is not None:
+                h, batch = h.to(move), batch.to(move)
+            for i, layer in layers:
+                h = layer(h, batch, kv.layer(i))
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:   # [T, H] -> [T, V] float32
