@@ -44,7 +44,7 @@ def add_plan_parser(sub) -> None:
                                                      "a share such as 10%%, or a count")
     p.add_argument("--hot-set-format", default="auto", choices=["auto", *HOT_SET_FORMATS],
                    help="hot experts kept packed (decoded per use) or dequantized, as the runtime's flag "
-                        "(auto: packed for int4/fp8)")
+                        "(auto: bf16)")
     p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")

@@ -164,7 +164,7 @@ class PlanRequest:
     assumptions: sentences printed under the plan (the machine's and the workload's).
     max_layers: MoE layers of the trace to replay, evenly spaced.
     trace_label: where the routing comes from, as the plan names it (default: the trace's source).
-    hot_set_format: "auto" | "packed" | "bf16", as the runtime's --hot-set-format (auto: packed for int4/fp8).
+    hot_set_format: "auto" | "packed" | "bf16", as the runtime's --hot-set-format (auto: bf16).
     """
     cfg: ModelConfig
     label: str
