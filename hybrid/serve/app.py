@@ -56,7 +56,7 @@ def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
     """The ASGI app serving `engine`. The worker thread starts and stops with the app's lifespan.
 
     Args:
-        max_queue: requests that may wait while one runs; more get 503.
+        max_queue: requests that may wait beyond the engine's running batch; more get 503.
         max_body_bytes: larger request bodies get 413.
         api_key: when set, required on every endpoint but /health (Bearer or x-api-key); 401 otherwise.
     """
@@ -82,8 +82,13 @@ def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
     if api_key is not None:
         app.add_middleware(ApiKey, key=api_key)
     app.add_middleware(RequestCounter.Middleware, counter=counter)      # outermost: counts the 401s too
-    api = _Api(engine, worker, grammars, served_model_name, max_body_bytes)
+    _error_handlers(app)
+    _routes(app, _Api(engine, worker, grammars, served_model_name, max_body_bytes), worker, counter)
+    return app
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the shape of the API called (OpenAI's or Anthropic's), never as a traceback."""
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
         return JSONResponse(error_body(request.url.path, e), e.status, headers=e.headers)
@@ -99,6 +104,8 @@ def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
         err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
         return JSONResponse(error_body(request.url.path, err), 500)
 
+
+def _routes(app: FastAPI, api: "_Api", worker: Worker, counter: RequestCounter) -> None:
     app.get("/health")(api.health)
 
     @app.get("/metrics")
@@ -111,7 +118,6 @@ def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
     app.post("/v1/completions")(api.completions)
     app.post("/v1/messages")(api.messages)
     app.post("/v1/messages/count_tokens")(api.count_tokens)
-    return app
 
 
 class _Api:
