@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from cpu_experts import Ticket as CpuTicket
 from hybrid.core.policies import Decision
+from hybrid.runtime.staging import HostStaging
 
 # T = tokens, k = experts per token, H = hidden, I = expert width
 PHASES = ("prefill", "decode")
@@ -189,8 +190,9 @@ class CpuExperts(ExpertBackend):
     layers and the experts take turns on one pool of threads); else in CpuMoE's background thread while the
     device runs the shared expert."""
 
-    def __init__(self, cpu_moe, synchronous: bool = False):
-        self.moe, self.synchronous = cpu_moe, synchronous
+    def __init__(self, cpu_moe, synchronous: bool = False, staging: HostStaging | None = None):
+        """staging: the device<->host hand-off (one copy each way per call; default: for the call's device)."""
+        self.moe, self.synchronous, self._staging = cpu_moe, synchronous, staging
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -198,19 +200,18 @@ class CpuExperts(ExpertBackend):
         self._base = CpuKernelStats.of(self.moe)
 
     def submit(self, layer, h, ids, w, phase) -> ExpertTicket:
-        hn = np.ascontiguousarray(h.detach().to("cpu", torch.float32).numpy())
-        idn = np.ascontiguousarray(ids.detach().to("cpu").numpy())
-        wn = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy())
+        if self._staging is None or self._staging.device != h.device:
+            self._staging = HostStaging(h.device)
+        hn, idn, wn = self._staging.to_host(h, ids, w)
         self.served.cpu += int((idn >= 0).sum())
         if self.synchronous:
-            out = torch.from_numpy(self.moe.run(layer, hn, idn, wn)).to(h.device)
-            return ExpertTicket(layer, h.device, cpu_out=out)
+            return ExpertTicket(layer, h.device, cpu_out=self._staging.to_device(self.moe.run(layer, hn, idn, wn)))
         return ExpertTicket(layer, h.device, cpu=self.moe.submit(layer, hn, idn, wn))
 
     def wait(self, ticket: ExpertTicket) -> torch.Tensor:
         if ticket.cpu is None:
             return ticket.cpu_out
-        return torch.from_numpy(self.moe.wait(ticket.cpu)).to(ticket.device)
+        return self._staging.to_device(self.moe.wait(ticket.cpu))
 
     def stats(self) -> ExpertStats:
         return ExpertStats("cpu", Served(**vars(self.served)), cpu=CpuKernelStats.of(self.moe, self._base))
