@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from quant.formats import bytes_per_matrix
 from quant.layout import SECTION_ALIGN, make_layout
+from quant.packed import holds
 
 from hybrid.core.config import ModelConfig
-from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes
+from hybrid.core.weights import TensorSpec, dense_tensors, device_nbytes, expert_shapes, numel
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -132,8 +133,44 @@ def expert_host_bytes(cfg: ModelConfig, fmt: str, group_size: int = 32) -> int:
     return sum(bytes_per_matrix(fmt, r, c, group_size) for r, c in expert_shapes(cfg))
 
 
-def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return sum(device_nbytes(name, spec, dtype_bytes) for name, spec in dense_tensors(cfg).items())
+def dense_format_of(cfg: ModelConfig, name: str, spec: TensorSpec, dense: str, group_size: int = 32) -> str | None:
+    """The format dense tensor `name` is kept in under the runtime's `dense` choice, as hybrid/runtime/dense.py
+    keeps it on a CUDA device: None for a float tensor (dense="torch"; norms, the router, the embeddings), else
+    "int4" | "fp8" | "bf16". The packed ones are quant.dense.DENSE_LINEARS: the tensors the release stores in
+    FP8 plus lm_head (tests/test_plan.py checks the two agree). auto: the checkpoint's own format (FP8 for
+    the release's FP8 tensors, bf16 for the rest); a shape int4 cannot hold falls back to bf16, an MLP as a
+    whole (quant.dense.DenseReader)."""
+    if dense == "torch" or not (spec.fp8 or name == "lm_head.weight"):
+        return None
+    fmt = dense if dense != "auto" else ("fp8" if spec.fp8 and cfg.is_fp8_checkpoint else "bf16")
+    dims = spec.shape if ".mlp." in name else spec.shape[1:]     # an MLP needs both its sizes, a linear its inputs
+    return fmt if all(holds(fmt, d, group_size) for d in dims) else "bf16"
+
+
+def dense_tensor_bytes(cfg: ModelConfig, name: str, spec: TensorSpec, dtype_bytes: int, dense: str = "torch",
+                       group_size: int = 32) -> int:
+    """Device bytes of one dense tensor under `dense` (dense_format_of): packed codes + scales, else the compute
+    dtype (the router float32; with packed dense layers the embeddings stay bf16, a lookup converts its rows)."""
+    fmt = dense_format_of(cfg, name, spec, dense, group_size)
+    if fmt is not None:
+        return bytes_per_matrix(fmt, *spec.shape, group_size)
+    if dense != "torch" and name == "model.embed_tokens.weight":
+        return numel(spec) * 2
+    return device_nbytes(name, spec, dtype_bytes)
+
+
+def dense_buffer_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32) -> int:
+    """The one reused buffer a CUDA device dequantizes packed dense weights into (DeviceDense): the largest
+    packed linear in the compute dtype (K2: lm_head, 2.19 GiB in bf16); 0 for dense="torch"."""
+    return max((numel(spec) * dtype_bytes for name, spec in dense_tensors(cfg).items()
+                if dense_format_of(cfg, name, spec, dense, group_size)), default=0)
+
+
+def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32) -> int:
+    """Device bytes of everything but the routed experts under `dense`, with the decode buffer of a packed one.
+    K2 (bf16 compute): 22.14 GiB with dense="torch", 15.76 GiB with "auto" (its FP8 release; 2.19 GiB of it the buffer)."""
+    return dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) + sum(
+        dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size) for name, spec in dense_tensors(cfg).items())
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
@@ -142,15 +179,17 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
 
 def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_format: str, context: int,
                    device_memory: int, host_memory: int, gpu_expert_budget: int | str | float = 0,
-                   mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto") -> PlacementPlan:
+                   mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto",
+                   dense_format: str = "torch") -> PlacementPlan:
     """Decide the placement. gpu_expert_budget: bytes (int or "2GiB") or a share of all routed experts
     ("25%"); the hot set gets that much, capped by what the device has left after dense weights and KV (and,
-    packed, one decode buffer). hot_set_format: auto | packed | bf16 (resolve_hot_set_format)."""
+    packed, one decode buffer). hot_set_format: auto | packed | bf16 (resolve_hot_set_format). dense_format:
+    the runtime's dense choice (dense_device_bytes; default torch, the dense part in the compute dtype)."""
     if context <= 0 or context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
     form = resolve_hot_set_format(hot_set_format, expert_format)
     moe = len(cfg.moe_layers)
-    dense = dense_device_bytes(cfg, dtype_bytes)
+    dense = dense_device_bytes(cfg, dtype_bytes, dense_format, group_size)
     kv = kv_cache_bytes(cfg, context, dtype_bytes)
     per_expert_dev, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
     host_one = expert_host_bytes(cfg, expert_format, group_size)
