@@ -78,11 +78,13 @@ def measure_cpu(pool_gib: float, threads: int, formats=FORMAT_NAMES, calls: int 
     return out
 
 
-def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", tokens: int = 32, log=print) -> dict:
+def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", tokens: int = 32, dense: str = "auto",
+                      log=print) -> dict:
     """Fixed costs of the engine per decode token, from three tiny models of the same structure: two dense
     layers; one dense + one MoE; one dense + five MoE. Their weights are small, so what remains is Python,
     dispatch, small ops and the CPU-expert call: token = A - 2d, dense layer d = A - B + m, MoE layer
-    m = (C - B) / 4."""
+    m = (C - B) / 4. The engine runs as `hybrid.load` would: `dense` is its dense choice (auto: the tiny
+    models' FP8, packed; on a CPU device the kernels' pool runs them, synchronously)."""
     from hybrid.runtime.loader import load
     from hybrid.models.tiny import make_tiny
     shapes = {"A": (2, 2), "B": (2, 1), "C": (6, 1)}            # (layers, first_k_dense_replace)
@@ -92,7 +94,7 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
             d = make_tiny(Path(tmp) / key, preset="tiny", tokenizer=False,
                           overrides={"num_hidden_layers": n, "first_k_dense_replace": k, "n_routed_experts": 64,
                                      "num_experts_per_tok": 8})
-            eng = load(d, device=device, dtype=dtype, experts=fmt, threads=threads, prefetch="off")
+            eng = load(d, device=device, dtype=dtype, experts=fmt, threads=threads, prefetch="off", dense=dense)
             eng.generate([1, 2, 3, 4], 4, stop_ids=())
             best = float("inf")
             for _ in range(5):
@@ -105,9 +107,9 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
     m = max(0.0, (t["C"] - t["B"]) / 4)
     d = max(0.0, t["A"] - t["B"] + m)
     tok = max(0.0, t["A"] - 2 * d)
-    log(f"  fixed costs per decode token: {tok * 1e6:.0f} us + {d * 1e6:.0f} us per dense layer + "
+    log(f"  fixed costs per decode token (--dense {dense}): {tok * 1e6:.0f} us + {d * 1e6:.0f} us per dense layer + "
         f"{m * 1e6:.0f} us per MoE layer")
-    return {"token_s": tok, "dense_layer_s": d, "moe_layer_s": m, "raw_s": t}
+    return {"token_s": tok, "dense_layer_s": d, "moe_layer_s": m, "raw_s": t, "dense": dense}
 
 
 def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
