@@ -9,10 +9,11 @@ What is measured (each figure is best of a few rounds; the host may be shared):
   (hybrid/runtime/expert_copy.py's Numba decoder: what a bf16 hot-set load and each packed hot-set hit do);
 - the device side (torch on `device`: CUDA, or the CPU standing in for it): matrix-vector bandwidth over
   K2-shaped weights in the compute dtype, matmul FLOP/s at 512 tokens, host-to-device copy rate;
-- fixed costs, from the engine itself: decode of three tiny models of the same structure (2 dense layers;
-  1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE layer beyond their weight
-  reads (Python, dispatch, small ops, the router, the CPU-expert call) and the per-token rest (embedding,
-  lm_head, sampler).
+- fixed costs, from the engine itself as `hybrid.load` runs it (dense auto: the dense linears packed, on a
+  CPU device run by the kernels' pool in turn with the experts): decode of three tiny models of the same
+  structure (2 dense layers; 1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE
+  layer beyond their weight reads (Python, dispatch, small ops, the router, the CPU-expert call) and the
+  per-token rest (embedding, lm_head, sampler).
 The device-side measurements live in hybrid/plan/calibrate_device.py. The result is a JSON file (default
 ~/.cache/hybrid/calibration.json, or $HYBRID_CALIBRATION) read by
 `hybrid plan --machine local` and used to scale predictions for other hardware.

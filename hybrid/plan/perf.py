@@ -131,22 +131,7 @@ class ModelCost:
         linears are dequantized into a buffer before each product (a CUDA device), else the CPU kernels read
         them packed (the CPU as the device)."""
         n = cfg.num_hidden_layers
-        attn, ffn, params_l, reads = [0] * n, [0] * n, [0] * n, [[0, 0] for _ in range(n)]
-        head = head_read = cfg.hidden_size * (dtype_bytes if dense == "torch" else 2)   # the embedding row a token reads
-        for name, spec in dense_tensors(cfg).items():
-            if name == "model.embed_tokens.weight":
-                continue
-            nbytes = dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
-            fmt = dense_format_of(cfg, name, spec, dense, group_size)
-            read = numel(spec) * (decode_traffic(fmt, dtype_bytes) + dtype_bytes) if fmt and dense_decoded else nbytes
-            if name.startswith("model.layers."):
-                L = int(name.split(".")[2])
-                part = 1 if ".mlp." in name else 0
-                (ffn if part else attn)[L] += nbytes
-                reads[L][part] += read
-                params_l[L] += numel(spec)
-            else:
-                head, head_read = head + nbytes, head_read + read
+        attn, ffn, params_l, reads, head, head_read = _dense_part(cfg, dtype_bytes, dense, group_size, dense_decoded)
         buffer = dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) if dense_decoded else 0
         embed = dense_tensor_bytes(cfg, "model.embed_tokens.weight", dense_tensors(cfg)["model.embed_tokens.weight"],
                                    dtype_bytes, dense, group_size)
@@ -160,7 +145,7 @@ class ModelCost:
                    cfg.kv_cache_dim * dtype_bytes, host, resident, params, cfg.num_experts_per_tok,
                    cfg.n_routed_experts, 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim),
                    2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                   form == "packed", params * dtype_bytes, ebuf, tuple(map(tuple, reads)), head_read, dense, buffer)
+                   form == "packed", params * dtype_bytes, ebuf, reads, head_read, dense, buffer)
 
     @property
     def hit_decode_params(self) -> int:
@@ -180,6 +165,28 @@ class ModelCost:
     def dense_bytes(self) -> int:
         """Device bytes of everything but the routed experts (the decode buffer included)."""
         return self.embed_bytes + self.head_bytes + sum(a + f for _, a, f, _ in self.layers)
+
+
+def _dense_part(cfg: ModelConfig, dtype_bytes: int, dense: str, group_size: int, decoded: bool) -> tuple:
+    """Per layer: attention bytes, MLP bytes, params, [attention, MLP] bytes read per decode token; then the
+    head's bytes and bytes read (final norm, lm_head, the one embedding row a token looks up)."""
+    n = cfg.num_hidden_layers
+    attn, ffn, params, reads = [0] * n, [0] * n, [0] * n, [[0, 0] for _ in range(n)]
+    head = head_read = cfg.hidden_size * (dtype_bytes if dense == "torch" else 2)    # packed: the table stays bf16
+    for name, spec in dense_tensors(cfg).items():
+        if name == "model.embed_tokens.weight":
+            continue
+        nbytes = dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
+        fmt = dense_format_of(cfg, name, spec, dense, group_size)
+        read = numel(spec) * (decode_traffic(fmt, dtype_bytes) + dtype_bytes) if fmt and decoded else nbytes
+        if not name.startswith("model.layers."):
+            head, head_read = head + nbytes, head_read + read
+            continue
+        L, part = int(name.split(".")[2]), int(".mlp." in name)
+        (ffn if part else attn)[L] += nbytes
+        reads[L][part] += read
+        params[L] += numel(spec)
+    return attn, ffn, params, tuple(map(tuple, reads)), head, head_read
 
 
 RESOURCES = ("device memory bandwidth", "DRAM bandwidth", "host copies + link", "fixed costs",
