@@ -151,42 +151,53 @@ def main(argv=None) -> None:
     lens = [int(x) for x in a.prompt_lens.split(",") if x]
     ours = [x for x in a.ours.split(",") if x]
     llamas = [x for x in a.llama.split(",") if x]
+    have_llama = _have_llama()
     limit = Limit(a.threads)
     print(f"# load average at start {os.getloadavg()[0]:.2f} (the host is shared)", flush=True)
     rows = {}
-    for fmt in ours:
+    # each pair back to back (ours, then its llama.cpp peer): the host's read bandwidth moves within minutes
+    order = [x for f in ours for x in [("ours", f)] + ([("llama.cpp", PAIRS[f])] if PAIRS.get(f) in llamas else [])]
+    order += [("llama.cpp", q) for q in llamas if ("llama.cpp", q) not in order]
+    for engine, fmt in order:
+        if engine == "llama.cpp" and not have_llama:
+            continue
         before = limit.measure()
-        dense = fmt if a.dense == "pair" else a.dense
-        rows[f"ours {fmt}"] = r = bench_ours(a.model, fmt, dense, a.threads, a.dtype, lens, a.decode_tokens, a.repeats)
+        if engine == "ours":
+            dense = fmt if a.dense == "pair" else a.dense
+            r = bench_ours(a.model, fmt, dense, a.threads, a.dtype, lens, a.decode_tokens, a.repeats)
+        else:
+            r = bench_llama(_gguf(a, fmt), a.threads, lens, a.decode_tokens, a.repeats, cfg.num_experts_per_tok,
+                            cfg.n_routed_experts)
         r["limit"] = (before, limit.measure())
-        print(f"  ours {fmt} (dense {dense}) done (load {r['load_s']:.0f} s; limit {before:.1f} / "
-              f"{r['limit'][1]:.1f} GB/s before / after)", flush=True)
-    try:
-        import llama_cpp  # noqa: F401
-        have_llama = True
-    except ImportError:
-        have_llama = False
-        print("  llama-cpp-python not installed: llama.cpp rows skipped (pip install -e .[bench], see "
-              "bench/llama_build.md)")
-    if have_llama:
-        from quant.gguf_export import export_gguf
-        gdir = a.gguf_dir or a.model.with_name(a.model.name + ".gguf")
-        gdir.mkdir(parents=True, exist_ok=True)
-        for q in llamas:
-            path = gdir / f"{a.model.name}-{q}.gguf"
-            if not path.exists():
-                print(f"  exporting {path} ...", flush=True)
-                export_gguf(a.model, path, q)
-            before = limit.measure()
-            rows[f"llama.cpp {q}"] = r = bench_llama(path, a.threads, lens, a.decode_tokens, a.repeats,
-                                                     cfg.num_experts_per_tok, cfg.n_routed_experts)
-            r["limit"] = (before, limit.measure())
-            print(f"  llama.cpp {q} done", flush=True)
+        rows[f"{engine} {fmt}"] = r
+        print(f"  {engine} {fmt} done (limit {before:.1f} / {r['limit'][1]:.1f} GB/s before / after)", flush=True)
     print(f"read limit (prefetching read loop, {a.threads} threads) across the run: "
           + ", ".join(f"{x:.1f}" for x in limit.seen) + " GB/s")
     print_table(rows, lens)
     print_goals(rows, lens)
     print(f"# load average at end {os.getloadavg()[0]:.2f}")
+
+
+def _have_llama() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        print("  llama-cpp-python not installed: llama.cpp rows skipped (pip install -e .[bench], see "
+              "bench/llama_build.md)")
+        return False
+
+
+def _gguf(a, q: str) -> Path:
+    """The GGUF of a.model in type q, exported on first use."""
+    from quant.gguf_export import export_gguf
+    gdir = a.gguf_dir or a.model.with_name(a.model.name + ".gguf")
+    gdir.mkdir(parents=True, exist_ok=True)
+    path = gdir / f"{a.model.name}-{q}.gguf"
+    if not path.exists():
+        print(f"  exporting {path} ...", flush=True)
+        export_gguf(a.model, path, q)
+    return path
 
 
 def _row_gbs(r: dict) -> tuple[float, float]:
