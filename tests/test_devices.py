@@ -17,14 +17,15 @@ CONTEXT = 256
 
 
 def _tight_memory(model_dir, n: int, budget: str, form: str = "bf16", dtype_bytes: int = 4) -> int:
-    """The least memory per device on which the runtime's plan (float32 on the CPU, fp8 experts, the hot set in
-    `form`) gives the hot set all of `budget`: so tight that the layers spread over all n devices."""
+    """The least memory per device on which the runtime's plan (float32 on the CPU, fp8 experts, dense="torch",
+    the hot set in `form`) gives the hot set all of `budget`: so tight that the layers spread over all n devices
+    (with packed dense layers the lm_head, kept bf16, outweighs a layer and two layers share a device)."""
     cfg = ModelConfig.from_file(model_dir)
 
     def plan(m):
         return plan_placement(cfg, device="cpu", dtype_bytes=dtype_bytes, expert_format="fp8", context=CONTEXT,
                               device_memory=m, host_memory=2**40, gpu_expert_budget=budget,
-                              hot_set_format=form, devices=("cpu",) * n)
+                              hot_set_format=form, devices=("cpu",) * n, dense_format="torch")
     want = plan(2**40).experts_per_layer
     lo, hi = 1, 2**30
     while lo < hi:
@@ -43,7 +44,7 @@ def test_map_of_logical_devices_gives_the_logits_of_one_device(tiny_models, kind
     d = tiny_models(kind, "fp8")
     cfg = ModelConfig.from_file(d)
     n = cfg.num_hidden_layers                                       # one layer per device: every boundary used
-    opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1)
+    opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1, dense="torch")
     one = hybrid.load(d, device="cpu", **opts)
     many = hybrid.load(d, devices=",".join(["cpu"] * n), gpu_memory=_tight_memory(d, n, "25%"), **opts)
     assert [s.layers for s in many.plan.shares] == [range(L, L + 1) for L in range(n)]
@@ -70,7 +71,7 @@ def test_map_of_logical_devices_gives_the_logits_of_one_device(tiny_models, kind
 
 def test_packed_hot_set_on_a_map_keeps_a_buffer_per_device(tiny_models):
     d = tiny_models("k2", "fp8")
-    opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1, hot_set_format="packed")
+    opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1, hot_set_format="packed", dense="torch")
     one = hybrid.load(d, device="cpu", **opts)
     many = hybrid.load(d, devices="cpu,cpu,cpu", gpu_memory=_tight_memory(d, 3, "25%", "packed"), **opts)
     moe_devices = {s.index for s in many.plan.shares for L in s.layers if L in many.cfg.moe_layers}
@@ -89,10 +90,12 @@ def test_torch_reference_experts_follow_their_layers(tiny_models):
 
 @pytest.mark.parametrize("memory", ["4MiB", "5MiB", "9MiB"])
 def test_hybrid_plan_prints_the_placement_hybrid_load_performs(tiny_models, capsys, memory):
-    """Same model, same budget (all experts), same memory per device (no reserve), bf16 on both."""
+    """Same model, same budget (all experts), same memory per device (no reserve), bf16 on both, fp8 dense
+    layers read packed (the CPU devices' kernels; a CUDA device would dequantize them into a buffer, which the
+    plan then counts and so would the runtime: dense_decoded)."""
     d = tiny_models("k2", "fp8")
     assert main(["plan", "--config", str(d), "--gpus", "3xA100-80GB", "--gpu-memory", memory, "--set",
-                 "gpu_reserve=0", "--cpu", "genoa", "--format", "fp8", "--context", str(CONTEXT), "--policies",
+                 "gpu_reserve=0", "--set", "dense_decoded=false", "--cpu", "genoa", "--format", "fp8", "--context", str(CONTEXT), "--policies",
                  "static", "--calibration", "/nonexistent/cal.json", "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     eng = hybrid.load(d, devices="cpu,cpu,cpu", dtype="bfloat16", gpu_memory=memory, gpu_expert_budget="100%",
@@ -127,8 +130,8 @@ def config_only(tiny_models, tmp_path):
     (dict(device="cpu", devices="cpu,cpu"), "not both"),
     (dict(devices="cpu,cpu,cpu,cpu"), "lists 4 devices but the model has 3 layers"),
     (dict(devices="cpu,cpu", gpu_memory="1MiB", context=CONTEXT),
-     r"2 x cpu device of 1.0 MiB offer 2.0 MiB, but dense weights take 5.\d MiB and the KV cache for 256 tokens"),
-    (dict(devices="cpu,cpu", gpu_memory="4MiB"), "the most context that fits is \\d+ tokens"),
+     r"2 x cpu device of 1.0 MiB offer 2.0 MiB, but dense weights take 1.8 MiB and the KV cache for 256 tokens"),
+    (dict(devices="cpu,cpu", gpu_memory="2MiB"), "the most context that fits is \\d+ tokens"),
 ])
 def test_bad_maps_fail_before_any_weight_is_read(config_only, kwargs, message):
     with pytest.raises(ValueError, match=message):

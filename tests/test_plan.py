@@ -10,7 +10,10 @@ from hybrid.core.config import ModelConfig
 from hybrid.plan.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_gpus, parse_host, parse_rate
 from hybrid.plan.known_models import resolve_config
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
-from hybrid.core.placement import PlanError, dense_device_bytes, expert_host_bytes
+from hybrid.core.placement import PlanError, dense_device_bytes, dense_format_of, expert_host_bytes
+from hybrid.core.weights import dense_tensors, numel
+from quant.dense import dense_kind
+from quant.formats import bytes_per_matrix
 from hybrid.plan.planner import PlanRequest, host_check, make_plan, place
 from hybrid.profile.synth import params_with, synthesize
 from hybrid.models.tiny import PRESETS
@@ -106,6 +109,67 @@ def test_model_cost_agrees_with_the_placement_byte_counts():
     assert p.packed_hot_set and p.expert_device == expert_host_bytes(cfg, "int4") == 24_772_608
     assert p.expert_weights == p.decode_buffer == c.expert_device == c.expert_weights and c.decode_buffer == 0
     assert p.hit_decode_params == 3 * 7168 * 2048 and c.hit_decode_params == 0
+
+
+def test_dense_bytes_follow_the_dense_format():
+    cfg, _ = resolve_config("kimi-k2")
+    fp8_lin = {n: s for n, s in dense_tensors(cfg).items() if s.fp8}
+    floats = {n: s for n, s in dense_tensors(cfg).items() if not s.fp8 and n != "lm_head.weight"}
+    head = 163840 * 7168
+    # auto on the FP8 release: its FP8 tensors as stored (codes + a float32 scale per 128x128 block), lm_head
+    # bf16, the rest (norms, embeddings) bf16 and the router float32, plus one buffer as large as lm_head
+    by_hand = sum(bytes_per_matrix("fp8", *s.shape) for s in fp8_lin.values()) + 2 * head + sum(
+        numel(s) * (4 if n.endswith(("gate.weight", "e_score_correction_bias")) else 2) for n, s in floats.items())
+    assert dense_device_bytes(cfg, 2, "auto") == by_hand + 2 * head
+    assert dense_device_bytes(cfg, 2, "auto") < 0.72 * dense_device_bytes(cfg, 2)             # 15.76 of 22.14 GiB
+    assert dense_device_bytes(cfg, 2, "fp8") == dense_device_bytes(cfg, 2, "auto") - 2 * head + \
+        bytes_per_matrix("fp8", 163840, 7168)                                                   # lm_head fp8 too
+    for dense in ("torch", "auto", "int4", "fp8", "bf16"):
+        c = ModelCost.of(cfg, 2, "int4", dense=dense)
+        assert c.dense_bytes - 7168 * 2 == dense_device_bytes(cfg, 2, dense)                 # one answer, two ways
+    # the packed kinds are quant.dense's DENSE_LINEARS: the release's FP8 tensors and lm_head
+    for name, spec in dense_tensors(cfg).items():
+        assert (dense_format_of(cfg, name, spec, "int4") is not None) == (dense_kind(name) is not None), name
+
+
+def test_a_packed_dense_weight_reads_its_decode_traffic_on_cuda_and_its_bytes_on_the_cpu_kernels():
+    cfg, _ = resolve_config("kimi-k2")
+    lin = 1536 * 7168 + 64 * 192 * 1536 + 576 * 7168 + 64 * 256 * 512 + 7168 * 64 * 128
+    norms = 7168 + 1536 + 512 + 7168
+    cuda = ModelCost.of(cfg, 2, "int4", dense="fp8")
+    assert cuda.reads[5][0] == lin * (1 + 3 * 2 + 2) + norms * 2        # decode: 1 + 3 x 2, the product: 2
+    cpu = ModelCost.of(cfg, 2, "int4", dense="fp8", dense_decoded=False)
+    assert cpu.reads[5][0] == cpu.layers[5][1] == cuda.layers[5][1] < lin * 1.01 + norms * 2
+    assert cpu.dense_buffer == 0 < cuda.dense_buffer == 163840 * 7168 * 2
+    torch_ = ModelCost.of(cfg, 2, "int4")
+    assert torch_.reads[5][0] == torch_.layers[5][1] == (lin + norms) * 2
+    # int4 falls back to bf16 where the inputs are not a multiple of 32: a whole MLP when either of its sizes is
+    odd = ModelConfig.from_dict({**PRESETS["tiny"], "hidden_size": 80, "moe_intermediate_size": 64,
+                                 "intermediate_size": 96})
+    t = dense_tensors(odd)
+    assert dense_format_of(odd, "model.layers.0.mlp.down_proj.weight", t["model.layers.0.mlp.down_proj.weight"],
+                           "int4") == "bf16"
+    kvb = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert dense_format_of(odd, kvb, t[kvb], "int4") == "int4"        # its inputs: kv_lora_rank, a multiple of 32
+
+
+def test_k2_on_one_rtx4090_plans_with_its_fp8_dense_part(capsys):
+    args = ["plan", "--gpus", "RTX4090", "--cpu", "genoa", "--ram", "768GiB", "--calibration", "/nonexistent/cal.json",
+            "--policies", "static"]
+    assert main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    (gpu,) = d["gpus"]
+    assert d["dense_format"] == "auto" and d["dense_formats"] == "fp8, lm_head bf16"
+    assert gpu["dense_bytes"] == d["dense_bytes"] == dense_device_bytes(resolve_config("kimi-k2")[0], 2, "auto") \
+        + 7168 * 2 and gpu["free_bytes"] >= 0
+    assert d["rows"][0]["decode_tokens_per_s"] > 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dense part: fp8, lm_head bf16, 15.76 GiB on the GPUs with a 2.19 GiB buffer" in out
+    assert "bytes of GPU memory traffic per weight int4 7, fp8 9, bf16 6" in out
+    with pytest.raises(SystemExit):                       # torch has no packed form for the planner to count
+        main(args + ["--dense", "torch"])
+    assert "invalid choice: 'torch'" in capsys.readouterr().err
 
 
 def test_decode_time_packed_hits_pay_a_decode_per_use_and_copies_cross_as_stored():
@@ -264,8 +328,8 @@ def test_cli_plan_k2_json(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--gpus", "8xB200", "--cpu", "genoa"], "unknown GPU 'B200'"),
     (["--gpus", "H100", "--cpu", "genoa", "--ram", "256GiB"], "of host RAM, but the machine has 256.00 GiB"),
-    (["--gpus", "RTX4090", "--cpu", "genoa"], "dense weights do not fit"),
-    (["--gpus", "2xRTX4090", "--gpu-memory", "16GiB", "--cpu", "genoa", "--context", "128k"],
+    (["--gpus", "RTX4090", "--cpu", "genoa", "--dense", "bf16"], "dense weights do not fit"),
+    (["--gpus", "2xRTX4090", "--gpu-memory", "16GiB", "--cpu", "genoa", "--context", "128k", "--dense", "bf16"],
      "most context that fits is"),
     (["--gpus", "H100"], "--cpu 2xsapphire-rapids"),
     (["--cpu", "genoa"], "--gpus 4xA100-80GB"),
@@ -302,7 +366,11 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
     # the stand-in copies the packed bytes and decodes them with the Numba decoder that was timed
     assert out["hot_set_format"] == "packed" and out["machine"]["packed_copies"] is True
     assert out["machine"]["decode"]["fp8"] == out["machine"]["dequantize"]["fp8"] == fp8["dequantize_params_per_s"]
-    assert out["machine"]["attn_rate"] == pytest.approx(mod["attn_gbs"] * 1e9)      # this shape was timed
+    # the dense linears run packed on the CPU kernels (--dense auto): at the kernels' rate for their format
+    kernels = out["machine"]["kernel_efficiency"]["fp8" if cfg.is_fp8_checkpoint else "bf16"]
+    assert out["machine"]["dense_decoded"] is False
+    assert out["machine"]["attn_rate"] == out["machine"]["dense_rate"] == pytest.approx(
+        cal["cpu_side"]["read_gbs"] * 1e9 * kernels)
     assert cal["device_side"]["memcpy_gbs"] > 0 and cal["device_side"]["h2d_gbs"] is None
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format",
                  "int4"]) == 2

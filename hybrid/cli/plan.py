@@ -1,7 +1,8 @@
 """`hybrid plan`: will a model run on a machine, where does each part live, and how fast will it go.
 
     hybrid plan --config kimi-k2 --gpus 4xA100-80GB --cpu 2xsapphire-rapids --ram 1TiB [--format int4]
-                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--hot-set-format auto|packed|bf16] [--json]
+                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--hot-set-format auto|packed|bf16]
+                [--dense auto|int4|fp8|bf16] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
 The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
@@ -20,8 +21,10 @@ SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated o
 
 
 def add_plan_parser(sub) -> None:
+    from hybrid.core.options import DENSE_CHOICES
     from hybrid.core.placement import HOT_SET_FORMATS
     from hybrid.plan.hardware import GPUS, HOSTS
+    PLAN_DENSE_CHOICES = [c for c in DENSE_CHOICES if c != "torch"]     # the runtime's, but torch (no packed form)
     p = sub.add_parser("plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="kimi-k2", help="kimi-k2 | deepseek-v3 | a model folder (default kimi-k2)")
@@ -45,6 +48,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--hot-set-format", default="auto", choices=["auto", *HOT_SET_FORMATS],
                    help="hot experts kept packed (decoded per use) or dequantized, as the runtime's flag "
                         "(auto: bf16)")
+    p.add_argument("--dense", default="auto", choices=PLAN_DENSE_CHOICES,
+                   help="dense (non-expert) linears' format, as the runtime's --dense: auto = the checkpoint's own "
+                        "(fp8 for Kimi K2's release), kept packed on the GPU and dequantized per use")
     p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
@@ -83,7 +89,7 @@ def build_machine(a, cfg) -> tuple:
     from hybrid.plan.hardware import local_machine, with_overrides
     cal_path = a.calibration or default_path()
     if a.machine == "local":
-        m, notes = local_machine(load_calibration(cal_path), cfg, a.format), [LocalMachine(cal_path)]
+        m, notes = local_machine(load_calibration(cal_path), cfg, a.format, a.dense), [LocalMachine(cal_path)]
     else:
         m, notes = _preset_machine(a, cal_path)
     over, given = _overrides(a)
@@ -182,7 +188,8 @@ def parse_transfer(text: str) -> float:
 def cmd_plan(a) -> int:
     if a.calibrate:
         return _calibrate(a)
-    from hybrid.plan.assumptions import HotSetCopies, render
+    from hybrid.plan.assumptions import DenseLayers, HotSetCopies, render
+    from hybrid.plan.perf import decode_traffic
     from hybrid.core.placement import resolve_hot_set_format
     from hybrid.plan.known_models import resolve_config
     from hybrid.plan.planner import PlanRequest, make_plan
@@ -193,11 +200,13 @@ def cmd_plan(a) -> int:
     trace, routing = trace_source(a, cfg)
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
     copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format], packed)
+    dense = DenseLayers(a.dense, m.dense_decoded, {f: decode_traffic(f, m.dtype_bytes) + m.dtype_bytes
+                                                   for f in FORMAT_NAMES}, m.dtype_bytes)
     policies = tuple(x for x in a.policies.split(",") if x)
     plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
                                  prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
-                                 assumptions=render([routing, *machine_notes, copies]), trace_label=routing.label(),
-                                 hot_set_format=a.hot_set_format))
+                                 assumptions=render([routing, *machine_notes, copies, dense]), trace_label=routing.label(),
+                                 hot_set_format=a.hot_set_format, dense=a.dense))
     print(json.dumps(_finite(plan.to_json()), indent=1) if a.json else plan.describe())
     return 0
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from quant.formats import bytes_per_matrix
 from quant.layout import SECTION_ALIGN, make_layout
+from quant.packed import holds
 
 from hybrid.core.config import ModelConfig
 from hybrid.core.device_map import DeviceShare, Devices, PlanError, gib, place
-from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes, numel
+from hybrid.core.weights import TensorSpec, dense_tensors, device_nbytes, expert_shapes, numel
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -76,25 +77,28 @@ def parse_size(text: str | int | float) -> int:
 @dataclass(frozen=True)
 class DeviceBytes:
     """A model's bytes on the device side as the runtime keeps them (hybrid.core.device_map.MapCost): dense
-    tensors in the compute dtype (the router in float32), the KV cache in the compute dtype, hot-set experts in
-    their form (hot_expert_bytes)."""
+    tensors under the dense choice (dense_tensor_bytes: packed linears, else the compute dtype, the router in
+    float32), the KV cache in the compute dtype, hot-set experts in their form (hot_expert_bytes)."""
     layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is MoE, attention bytes, MLP bytes, params)
     embed_bytes: int
-    head_bytes: int                                  # final norm + lm_head
+    head_bytes: int                                  # final norm + lm_head (+ the dense decode buffer, if any)
     kv_bytes_per_token: int                          # per layer
     expert_device: int
     decode_buffer: int
     n_experts: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, form: str,
-           group_size: int = 32) -> "DeviceBytes":
-        """form: the resolved hot-set form ("packed" | "bf16")."""
+    def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, form: str, group_size: int = 32,
+           dense: str = "torch", dense_decoded: bool = False) -> "DeviceBytes":
+        """form: the resolved hot-set form ("packed" | "bf16"). dense: the runtime's --dense choice;
+        dense_decoded: packed dense linears are dequantized per use into one buffer (a CUDA device: its size,
+        the largest packed linear, is counted with the head, where lm_head sets it), else read packed (a CPU
+        device's kernels)."""
         n = cfg.num_hidden_layers
         attn, ffn, params = [0] * n, [0] * n, [0] * n
-        embed = head = 0
+        embed, head = 0, dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) if dense_decoded else 0
         for name, spec in dense_tensors(cfg).items():
-            nbytes = device_nbytes(name, spec, dtype_bytes)
+            nbytes = dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
             if name.startswith("model.layers."):
                 L = int(name.split(".")[2])
                 (ffn if ".mlp." in name else attn)[L] += nbytes
@@ -192,8 +196,45 @@ def expert_host_bytes(cfg: ModelConfig, fmt: str, group_size: int = 32) -> int:
     return sum(bytes_per_matrix(fmt, r, c, group_size) for r, c in expert_shapes(cfg))
 
 
-def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return sum(device_nbytes(name, spec, dtype_bytes) for name, spec in dense_tensors(cfg).items())
+def dense_format_of(cfg: ModelConfig, name: str, spec: TensorSpec, dense: str, group_size: int = 32) -> str | None:
+    """The format dense tensor `name` is kept in under the runtime's `dense` choice, as hybrid/runtime/dense.py
+    keeps it on a CUDA device: None for a float tensor (dense="torch"; norms, the router, the embeddings), else
+    "int4" | "fp8" | "bf16". The packed ones are quant.dense.DENSE_LINEARS: the tensors the release stores in
+    FP8 plus lm_head (tests/test_plan.py checks the two agree). auto: the checkpoint's own format (FP8 for
+    the release's FP8 tensors, bf16 for the rest); a shape int4 cannot hold falls back to bf16, an MLP as a
+    whole (quant.dense.DenseReader)."""
+    if dense == "torch" or not (spec.fp8 or name == "lm_head.weight"):
+        return None
+    fmt = dense if dense != "auto" else ("fp8" if spec.fp8 and cfg.is_fp8_checkpoint else "bf16")
+    dims = spec.shape if ".mlp." in name else spec.shape[1:]     # an MLP needs both its sizes, a linear its inputs
+    return fmt if all(holds(fmt, d, group_size) for d in dims) else "bf16"
+
+
+def dense_tensor_bytes(cfg: ModelConfig, name: str, spec: TensorSpec, dtype_bytes: int, dense: str = "torch",
+                       group_size: int = 32) -> int:
+    """Device bytes of one dense tensor under `dense` (dense_format_of): packed codes + scales, else the compute
+    dtype (the router float32; with packed dense layers the embeddings stay bf16, a lookup converts its rows)."""
+    fmt = dense_format_of(cfg, name, spec, dense, group_size)
+    if fmt is not None:
+        return bytes_per_matrix(fmt, *spec.shape, group_size)
+    if dense != "torch" and name == "model.embed_tokens.weight":
+        return numel(spec) * 2
+    return device_nbytes(name, spec, dtype_bytes)
+
+
+def dense_buffer_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32) -> int:
+    """The one reused buffer a CUDA device dequantizes packed dense weights into (DeviceDense): the largest
+    packed linear in the compute dtype (K2: lm_head, 2.19 GiB in bf16); 0 for dense="torch"."""
+    return max((numel(spec) * dtype_bytes for name, spec in dense_tensors(cfg).items()
+                if dense_format_of(cfg, name, spec, dense, group_size)), default=0)
+
+
+def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32,
+                       decoded: bool = True) -> int:
+    """Device bytes of everything but the routed experts under `dense` (DeviceBytes.of), with the decode buffer
+    of packed linears a CUDA device dequantizes (decoded). K2 (bf16 compute): 22.14 GiB with dense="torch",
+    15.76 GiB with "auto" (its FP8 release; 2.19 GiB of it the buffer)."""
+    return DeviceBytes.of(cfg, dtype_bytes, "bf16", "bf16", group_size, dense, decoded).dense_bytes
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
@@ -203,18 +244,21 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
 def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_format: str, context: int,
                    device_memory: int, host_memory: int, gpu_expert_budget: int | str | float = 0,
                    mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto",
-                   devices: tuple[str, ...] = ()) -> PlacementPlan:
+                   devices: tuple[str, ...] = (), dense_format: str = "torch") -> PlacementPlan:
     """Decide the placement. gpu_expert_budget: bytes (int or "2GiB", all devices together) or a share of all
     routed experts ("25%"); the hot set gets that much, capped by what the devices have left after dense weights
     and KV (and, packed, one decode buffer each). hot_set_format: auto | packed | bf16 (resolve_hot_set_format).
     devices: the device map by name (default: `device` alone), each offering device_memory bytes; the layers
-    are split over them as `hybrid plan` splits them (hybrid.core.device_map.place)."""
+    are split over them as `hybrid plan` splits them (hybrid.core.device_map.place). dense_format: the
+    runtime's dense choice (DeviceBytes.of; default torch, the dense part in the compute dtype); a CUDA device
+    also holds the buffer packed dense linears are dequantized into."""
     if context <= 0 or context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
     names = tuple(devices) or (device,)
     form = resolve_hot_set_format(hot_set_format, expert_format)
     moe = len(cfg.moe_layers)
-    cost = DeviceBytes.of(cfg, dtype_bytes, expert_format, form, group_size)
+    cost = DeviceBytes.of(cfg, dtype_bytes, expert_format, form, group_size, dense_format,
+                          dense_decoded=names[0].startswith("cuda"))
     dense = cost.dense_bytes
     kv = kv_cache_bytes(cfg, context, dtype_bytes)
     per_expert_dev, buffer = cost.expert_device, cost.decode_buffer

@@ -153,8 +153,30 @@ class HotSetCopies:
         return f"hot-set experts are stored dequantized on the GPU (compute dtype); a copy: {copy}"
 
 
+@dataclass(frozen=True)
+class DenseLayers:
+    """How the dense linears run: `dense` is the runtime's choice (--dense); `decoded`: dequantized into a buffer
+    before each product (a CUDA device), else read packed by the CPU kernels; `traffic`: bytes of device memory
+    traffic per weight by format when decoded (hybrid.plan.perf.decode_traffic plus the product's read);
+    `compute_bytes`: what a weight kept in the compute dtype moves (the product's read alone)."""
+    dense: str
+    decoded: bool
+    traffic: dict
+    compute_bytes: int
+
+    def describe(self) -> str:
+        what = "the checkpoint's own format" if self.dense == "auto" else self.dense
+        if not self.decoded:
+            return f"dense linears (--dense {self.dense}: {what}) run packed on the CPU kernels"
+        per = ", ".join(f"{f} {b}" for f, b in self.traffic.items())
+        return (f"dense linears (--dense {self.dense}: {what}) stay packed on the GPU and each product first "
+                f"dequantizes its weight into one reused buffer with torch elementwise ops (hybrid/runtime/dense.py): "
+                f"bytes of GPU memory traffic per weight {per}, where a weight kept in the compute dtype moves "
+                f"{self.compute_bytes}")
+
+
 Assumption = (LocalMachine | HostByBandwidth | CpuFigures | GpuPreset | HostMemory | DefaultFigure | LayerSplit
-              | GivenFigure | FixedCosts | Routing | HotSetCopies)
+              | GivenFigure | FixedCosts | Routing | HotSetCopies | DenseLayers)
 
 
 def render(assumptions) -> tuple[str, ...]:

@@ -9,10 +9,11 @@ What is measured (each figure is best of a few rounds; the host may be shared):
   (hybrid/runtime/expert_copy.py's Numba decoder: what a bf16 hot-set load and each packed hot-set hit do);
 - the device side (torch on `device`: CUDA, or the CPU standing in for it): matrix-vector bandwidth over
   K2-shaped weights in the compute dtype, matmul FLOP/s at 512 tokens, host-to-device copy rate;
-- fixed costs, from the engine itself: decode of three tiny models of the same structure (2 dense layers;
-  1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE layer beyond their weight
-  reads (Python, dispatch, small ops, the router, the CPU-expert call) and the per-token rest (embedding,
-  lm_head, sampler).
+- fixed costs, from the engine itself as `hybrid.load` runs it (dense auto: the dense linears packed, on a
+  CPU device run by the kernels' pool in turn with the experts): decode of three tiny models of the same
+  structure (2 dense layers; 1 dense + 1 MoE; 1 dense + 5 MoE) gives the cost of a dense layer and of a MoE
+  layer beyond their weight reads (Python, dispatch, small ops, the router, the CPU-expert call) and the
+  per-token rest (embedding, lm_head, sampler).
 The device-side measurements live in hybrid/plan/calibrate_device.py. The result is a JSON file (default
 ~/.cache/hybrid/calibration.json, or $HYBRID_CALIBRATION) read by
 `hybrid plan --machine local` and used to scale predictions for other hardware.
@@ -78,11 +79,13 @@ def measure_cpu(pool_gib: float, threads: int, formats=FORMAT_NAMES, calls: int 
     return out
 
 
-def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", tokens: int = 32, log=print) -> dict:
+def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", tokens: int = 32, dense: str = "auto",
+                      log=print) -> dict:
     """Fixed costs of the engine per decode token, from three tiny models of the same structure: two dense
     layers; one dense + one MoE; one dense + five MoE. Their weights are small, so what remains is Python,
     dispatch, small ops and the CPU-expert call: token = A - 2d, dense layer d = A - B + m, MoE layer
-    m = (C - B) / 4."""
+    m = (C - B) / 4. The engine runs as `hybrid.load` would: `dense` is its dense choice (auto: the tiny
+    models' FP8, packed; on a CPU device the kernels' pool runs them, synchronously)."""
     from hybrid.runtime.loader import load
     from hybrid.models.tiny import make_tiny
     shapes = {"A": (2, 2), "B": (2, 1), "C": (6, 1)}            # (layers, first_k_dense_replace)
@@ -92,7 +95,7 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
             d = make_tiny(Path(tmp) / key, preset="tiny", tokenizer=False,
                           overrides={"num_hidden_layers": n, "first_k_dense_replace": k, "n_routed_experts": 64,
                                      "num_experts_per_tok": 8})
-            eng = load(d, device=device, dtype=dtype, experts=fmt, threads=threads, prefetch="off")
+            eng = load(d, device=device, dtype=dtype, experts=fmt, threads=threads, prefetch="off", dense=dense)
             eng.generate([1, 2, 3, 4], 4, stop_ids=())
             best = float("inf")
             for _ in range(5):
@@ -105,9 +108,9 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
     m = max(0.0, (t["C"] - t["B"]) / 4)
     d = max(0.0, t["A"] - t["B"] + m)
     tok = max(0.0, t["A"] - 2 * d)
-    log(f"  fixed costs per decode token: {tok * 1e6:.0f} us + {d * 1e6:.0f} us per dense layer + "
+    log(f"  fixed costs per decode token (--dense {dense}): {tok * 1e6:.0f} us + {d * 1e6:.0f} us per dense layer + "
         f"{m * 1e6:.0f} us per MoE layer")
-    return {"token_s": tok, "dense_layer_s": d, "moe_layer_s": m, "raw_s": t}
+    return {"token_s": tok, "dense_layer_s": d, "moe_layer_s": m, "raw_s": t, "dense": dense}
 
 
 def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,

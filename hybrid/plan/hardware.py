@@ -130,6 +130,8 @@ class Machine:
     dense_layer_s: float = DEV_CALIBRATION["dense_layer_s"]
     moe_layer_s: float = DEV_CALIBRATION["moe_layer_s"]
     overlap: bool = True                   # hot-set copies on a side stream (CUDA)
+    dense_decoded: bool = True             # packed dense linears dequantized per use (CUDA), else read packed by
+                                           # the CPU kernels (the CPU as the device)
     serial: float = 0.0                    # unhidden share of the shorter of device / CPU work (perf.join)
     attn_rate: float | None = None         # B/s of attention layers, measured on modules; None: HBM x efficiency
     ffn_rate: float | None = None          # B/s of the shared expert / hot-set experts
@@ -208,11 +210,13 @@ def from_calibration(cal: dict) -> dict:
             "token_s": o["token_s"], "dense_layer_s": o["dense_layer_s"], "moe_layer_s": o["moe_layer_s"]}
 
 
-def local_machine(cal: dict, cfg=None, fmt: str | None = None) -> Machine:
+def local_machine(cal: dict, cfg=None, fmt: str | None = None, dense: str = "auto") -> Machine:
     """This machine as its calibration measured it. With a CUDA device the GPU is that device as measured;
     on the CPU stand-in the "GPU" is torch on the same cores. With `cfg`, the device rates of its attention,
     shared-expert and dense layers come from the calibration's timings of modules of that shape, if any;
-    with `fmt`, the calibration must have measured that expert format."""
+    with `fmt`, the calibration must have measured that expert format. `dense` (the runtime's choice): on the
+    CPU stand-in packed dense linears run on the CPU kernels, so their rate is the kernels' measured decode
+    rate for that format (the module timings are of torch float modules)."""
     from hybrid.plan.calibrate_device import modules_key
     dv = cal["device_side"]
     cuda = dv["device"].startswith("cuda")
@@ -229,12 +233,18 @@ def local_machine(cal: dict, cfg=None, fmt: str | None = None) -> Machine:
     if not cuda:      # the stand-in copies the packed bytes (a memcpy) and decodes them with Numba on the same
         f = cal["cpu_side"]["formats"]       # cores: at load (bf16 hot set) or at each use (packed hot set)
         rates = {k: f[k]["dequantize_params_per_s"] for k in measured}
-        fields.update(stage=math.inf, packed_copies=True, dequantize=rates, decode=rates)
+        fields.update(stage=math.inf, packed_copies=True, dequantize=rates, decode=rates, dense_decoded=False)
     notes = [f"measured on {cal['cpu']} ({threads} threads), {cal['created']}",
              "device side = torch on " + dv["device"] + ("" if cuda else " standing in for the GPU: it shares "
                                                           "cores and memory with the CPU experts")]
     mod = cal.get("modules", {}).get(modules_key(cfg, dv["dtype"])) if cfg is not None else None
-    if mod:
+    kernels = None if cuda or cfg is None else _dense_kernel_format(cfg, dense)
+    if kernels:
+        rate = cal["cpu_side"]["read_gbs"] * fields["kernel_efficiency"][kernels] * GB
+        fields.update(attn_rate=rate, ffn_rate=rate, dense_rate=rate)
+        notes.append(f"dense linears ({kernels}) run on the CPU kernels at their measured {kernels} decode rate, "
+                     f"{rate / GB:.1f} GB/s (--dense {dense})")
+    elif mod:
         fields.update(attn_rate=mod["attn_gbs"] * GB, ffn_rate=mod["shared_gbs"] * GB,
                       dense_rate=mod.get("dense_gbs", dv["matvec_gbs"]) * GB)
         notes.append(f"device rates of this model's layers measured on modules of its shape: attention "
@@ -252,6 +262,15 @@ def local_machine(cal: dict, cfg=None, fmt: str | None = None) -> Machine:
                    dtype_bytes=int(dv["dtype_bytes"]), gpu_reserve=0, host_reserve=0, notes=tuple(notes), **fields)
 
 
+def _dense_kernel_format(cfg, dense: str) -> str | None:
+    """The format the CPU kernels read the dense layers' linears in under `dense` (that of an o_proj), None
+    for torch modules."""
+    from hybrid.core.placement import dense_format_of
+    from hybrid.core.weights import dense_tensors
+    name = f"model.layers.{cfg.num_hidden_layers - 1}.self_attn.o_proj.weight"
+    return dense_format_of(cfg, name, dense_tensors(cfg)[name], dense)
+
+
 # What `--set FIELD=VALUE` may change, how to read the value and what range it must lie in.
 # kind: "rate" (B/s, e.g. 25GB/s), "size" (bytes, e.g. 2GiB), "float", "int", "bool"; per-format fields take
 # FIELD.FORMAT=VALUE (kernel_efficiency.int4=0.6).
@@ -265,7 +284,7 @@ OVERRIDES = {
     "host_reserve": ("size", 0, None), "kernel_efficiency": ("float", 1e-3, 1),
     "cpu_flops_per_core": ("float", 1, None), "dequantize": ("float", 1, None), "decode": ("float", 1, None),
     "gpu_memory": ("size", 1, None), "hbm_bandwidth": ("rate", 1, None), "gpu_flops": ("float", 1, None),
-    "pcie": ("rate", 1, None),
+    "pcie": ("rate", 1, None), "dense_decoded": ("bool", None, None),
 }
 _PER_FORMAT = ("kernel_efficiency", "cpu_flops_per_core", "dequantize", "decode")
 _GPU_FIELDS = {"gpu_memory": "memory", "hbm_bandwidth": "bandwidth", "gpu_flops": "flops", "pcie": "link"}

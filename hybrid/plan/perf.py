@@ -2,7 +2,12 @@
 
 Everything is batch 1, one request, what `hybrid generate` and the server do. Symbols (per token, one layer):
     B_attn, B_ffn   device weight bytes of attention (q/kv projections, o_proj) and of the dense MLP or the
-                    shared expert + router, in the device compute dtype
+                    shared expert + router, in the dense format (hybrid.core.placement.dense_tensor_bytes:
+                    the compute dtype with dense="torch", else the linears packed); what a decode token moves
+                    through device memory for them (ModelCost.reads): the same bytes, except that a packed
+                    linear a CUDA device dequantizes before each product (hybrid/runtime/dense.py DeviceDense)
+                    moves P (decode_traffic + dtype) bytes: FP8 1 + 3 x 2 + 2 = 9 per weight in bf16, 4.5x
+                    its bf16 form; a CPU device's kernels read it packed (its stored bytes)
     B_kv(c)         compressed KV read at context c: c * kv_cache_dim * dtype bytes
     B_host, B_dev   one routed expert in the host store (int4/fp8/bf16) and as a resident device copy: its
                     stored slice when the hot set is packed, else its weights in the compute dtype
@@ -54,8 +59,9 @@ from dataclasses import dataclass
 from quant.formats import bytes_per_matrix
 
 from hybrid.core.config import ModelConfig
-from hybrid.core.placement import hot_expert_bytes, resolve_hot_set_format
-from hybrid.core.weights import dense_tensors, device_nbytes, expert_shapes, numel
+from hybrid.core.placement import (DeviceBytes, dense_buffer_bytes, dense_format_of, dense_tensor_bytes,
+                                   resolve_hot_set_format)
+from hybrid.core.weights import dense_tensors, expert_shapes, numel
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,9 @@ class Rates:
 
 @dataclass(frozen=True)
 class ModelCost:
-    """Bytes and FLOPs of one model under one placement (device dtype, expert format)."""
-    layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is_moe, B_attn, B_ffn, params of both)
-    head_bytes: int                             # final norm + lm_head (+ one embedding row)
+    """Bytes and FLOPs of one model under one placement (device dtype, expert format, dense format)."""
+    layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is_moe, B_attn, B_ffn, params of both), resident
+    head_bytes: int                             # final norm + lm_head (+ one embedding row) + the dense decode buffer
     head_params: int                            # lm_head (what one token's logits multiply)
     embed_bytes: int                            # the whole embedding table (stored, not read per token)
     kv_bytes_per_token: int                     # per layer
@@ -103,37 +109,40 @@ class ModelCost:
     packed_hot_set: bool = False                # hot experts stay packed, decoded per use (B_dev = stored slice)
     expert_weights: int | None = None           # B_w: one expert in the compute dtype (default B_dev)
     decode_buffer: int = 0                      # packed: the decode buffer on each GPU (one expert, B_w)
+    reads: tuple[tuple[int, int], ...] | None = None   # per layer: (attention, MLP) bytes a decode token moves
+                                                # through device memory (default: the resident B_attn, B_ffn)
+    head_reads: int | None = None               # the same for the head (default: head_bytes)
+    dense_format: str = "torch"                 # the runtime's dense choice these bytes follow
+    dense_buffer: int = 0                       # packed dense on CUDA: the one buffer they dequantize into (in
+                                                # head_bytes: lm_head, the largest packed linear, sets its size)
 
     def __post_init__(self):
         if self.expert_weights is None:
             object.__setattr__(self, "expert_weights", self.expert_device)
+        if self.reads is None:
+            object.__setattr__(self, "reads", tuple((a, f) for _, a, f, _ in self.layers))
+        if self.head_reads is None:
+            object.__setattr__(self, "head_reads", self.head_bytes)
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, group_size: int = 32,
-           hot_set_format: str = "auto") -> "ModelCost":
-        attn = [0] * cfg.num_hidden_layers
-        ffn = [0] * cfg.num_hidden_layers
-        params_l = [0] * cfg.num_hidden_layers
-        head = cfg.hidden_size * dtype_bytes              # the one embedding row a token reads
-        for name, spec in dense_tensors(cfg).items():
-            nbytes = device_nbytes(name, spec, dtype_bytes)
-            if name.startswith("model.layers."):
-                L = int(name.split(".")[2])
-                (ffn if ".mlp." in name else attn)[L] += nbytes
-                params_l[L] += numel(spec)
-            elif name != "model.embed_tokens.weight":
-                head += nbytes
+           hot_set_format: str = "auto", dense: str = "torch", dense_decoded: bool = True) -> "ModelCost":
+        """`dense`: the runtime's dense choice (auto | int4 | fp8 | bf16 | torch); dense_decoded: packed dense
+        linears are dequantized into a buffer before each product (a CUDA device), else the CPU kernels read
+        them packed (the CPU as the device)."""
+        form = resolve_hot_set_format(hot_set_format, expert_format)
+        dev = DeviceBytes.of(cfg, dtype_bytes, expert_format, form, group_size, dense, dense_decoded)
+        row = cfg.hidden_size * (dtype_bytes if dense == "torch" else 2)    # packed: the table stays bf16
+        reads, head_read = _dense_reads(cfg, dtype_bytes, dense, group_size, dense_decoded)
+        buffer = dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) if dense_decoded else 0
         params = sum(r * c for r, c in expert_shapes(cfg))
         host = sum(bytes_per_matrix(expert_format, r, c, group_size) for r, c in expert_shapes(cfg))
-        form = resolve_hot_set_format(hot_set_format, expert_format)
-        resident, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
         nh = cfg.num_attention_heads
-        return cls(tuple((cfg.is_moe_layer(L), attn[L], ffn[L], params_l[L]) for L in range(cfg.num_hidden_layers)),
-                   head, cfg.vocab_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size * dtype_bytes,
-                   cfg.kv_cache_dim * dtype_bytes, host, resident, params, cfg.num_experts_per_tok,
+        return cls(dev.layers, dev.head_bytes + row, cfg.vocab_size * cfg.hidden_size, dev.embed_bytes,
+                   dev.kv_bytes_per_token, host, dev.expert_device, params, cfg.num_experts_per_tok,
                    cfg.n_routed_experts, 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim),
                    2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                   form == "packed", params * dtype_bytes, buffer)
+                   form == "packed", params * dtype_bytes, dev.decode_buffer, reads, head_read + row, dense, buffer)
 
     @property
     def hit_decode_params(self) -> int:
@@ -146,8 +155,33 @@ class ModelCost:
 
     @property
     def device_read_bytes(self) -> int:
-        """Device weight bytes one decode token reads (no KV, no routed experts)."""
-        return self.head_bytes + sum(a + f for _, a, f, _ in self.layers)
+        """Device weight bytes one decode token moves (no KV, no routed experts)."""
+        return self.head_reads + sum(a + f for a, f in self.reads)
+
+    @property
+    def dense_bytes(self) -> int:
+        """Device bytes of everything but the routed experts (the decode buffer included)."""
+        return self.embed_bytes + self.head_bytes + sum(a + f for _, a, f, _ in self.layers)
+
+
+def _dense_reads(cfg: ModelConfig, dtype_bytes: int, dense: str, group_size: int,
+                 decoded: bool) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Bytes one decode token moves through device memory for the dense part: per layer (attention, MLP), then
+    the head's (final norm, lm_head). A packed linear a CUDA device dequantizes (decoded) moves its decode
+    traffic and its product's read; otherwise a tensor moves its resident bytes (dense_tensor_bytes)."""
+    n = cfg.num_hidden_layers
+    reads, head = [[0, 0] for _ in range(n)], 0
+    for name, spec in dense_tensors(cfg).items():
+        if name == "model.embed_tokens.weight":
+            continue
+        fmt = dense_format_of(cfg, name, spec, dense, group_size)
+        read = numel(spec) * (decode_traffic(fmt, dtype_bytes) + dtype_bytes) if fmt and decoded else \
+            dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
+        if name.startswith("model.layers."):
+            reads[int(name.split(".")[2])][int(".mlp." in name)] += read
+        else:
+            head += read
+    return tuple(map(tuple, reads)), head
 
 
 RESOURCES = ("device memory bandwidth", "DRAM bandwidth", "host copies + link", "fixed costs",
@@ -159,10 +193,10 @@ def decode_time(c: ModelCost, r: Rates, hit: float, loads: float, context: int) 
     token per MoE layer. Returns the total and each term (see the module docstring)."""
     kv = context * c.kv_bytes_per_token
     dev = cpu = fixed = 0.0
-    total = r.token_s + c.head_bytes / r.hbm
-    dev += c.head_bytes / r.hbm
+    total = r.token_s + c.head_reads / r.hbm
+    dev += c.head_reads / r.hbm
     fixed += r.token_s
-    for moe, attn, ffn, _ in c.layers:
+    for (moe, *_), (attn, ffn) in zip(c.layers, c.reads):
         a = attn / r.attn + kv / r.hbm
         if not moe:
             t_ffn = ffn / r.dense
@@ -196,11 +230,11 @@ def prefill_time(c: ModelCost, r: Rates, hit: float, loads: float, prompt: int, 
         T = min(chunk, prompt - s)
         attn_fl = c.attn_flops_per_pair * T * (s + T / 2) + c.kvb_flops_per_token * s   # new rows: in params
         kv = (s + T) * c.kv_bytes_per_token
-        head = max(2 * c.head_params / r.device_flops, c.head_bytes / r.hbm)   # lm_head: the chunk's last token
+        head = max(2 * c.head_params / r.device_flops, c.head_reads / r.hbm)   # lm_head: the chunk's last token
         total += r.token_s + head
         terms["fixed costs"] += r.token_s
         terms["device memory bandwidth"] += head
-        for moe, attn, ffn, params in c.layers:
+        for (moe, *_, params), (attn, ffn) in zip(c.layers, c.reads):
             dev_fl = attn_fl + 2 * T * params
             dev_bytes = attn + ffn + kv
             cpu_t = 0.0
@@ -237,12 +271,17 @@ def copy_time(c: ModelCost, r: Rates, n: float) -> tuple[float, float]:
     return host, n * (c.expert_host if r.packed_copies else c.expert_device) / r.link
 
 
+def decode_traffic(fmt: str, dtype_bytes: int) -> int:
+    """Bytes of device memory traffic per weight of hybrid/runtime/decode.py's torch decoder (the packed hot set
+    and packed dense layers on CUDA). INT4: the codes read twice (1 B), one byte per nibble written and read
+    (2 B), the output written; FP8: the code read, the output written, then read and written by the scale
+    multiply; bf16: a copy."""
+    return {"int4": 3 + dtype_bytes, "fp8": 1 + 3 * dtype_bytes, "bf16": 2 + dtype_bytes}[fmt]
+
+
 def device_decode_rate(fmt: str, dtype_bytes: int, hbm: float) -> float:
-    """R_dec on a GPU: params/s of hybrid/runtime/expert_copy.py's torch decoder, bound by its memory traffic
-    per weight at `hbm` B/s. INT4: the codes read twice (1 B), one byte per nibble written and read (2 B), the
-    output written; FP8: the code read, the output written, then read and written by the scale multiply."""
-    per_param = {"int4": 3 + dtype_bytes, "fp8": 1 + 3 * dtype_bytes, "bf16": 2 + dtype_bytes}[fmt]
-    return hbm / per_param
+    """R_dec on a GPU: params/s of the torch decoder, bound by its memory traffic per weight at `hbm` B/s."""
+    return hbm / decode_traffic(fmt, dtype_bytes)
 
 
 def distinct(n: int, per_token: float, T: int) -> float:

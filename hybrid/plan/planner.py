@@ -14,6 +14,7 @@ code hybrid.load splits a device map with.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -22,7 +23,8 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.device_map import DeviceShare as GpuShare, Devices, place as place_on
 from hybrid.plan.hardware import Machine
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
-from hybrid.core.placement import PlanError, gib, share_of_experts
+from hybrid.core.placement import PlanError, dense_format_of, gib, share_of_experts
+from hybrid.core.weights import dense_tensors, numel
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, POLICIES
 from hybrid.profile.trace import Trace, TraceModel
 from quant.formats import FORMAT_NAMES
@@ -52,6 +54,10 @@ class Plan:
     moe_layer_ids: tuple[int, ...]
     hot_set_format: str = "bf16"     # "packed" | "bf16": how a resident expert is kept (resolve_hot_set_format)
     decode_buffer_bytes: int = 0     # packed: one expert in the compute dtype on each GPU, the decode target
+    dense_format: str = "torch"      # the runtime's dense choice the plan's dense bytes follow (PlanRequest.dense)
+    dense_formats: str = ""          # what that gives each dense linear, in words (dense_summary)
+    dense_bytes: int = 0             # all non-expert bytes on the GPUs, the dense decode buffer included
+    dense_buffer_bytes: int = 0      # packed dense: the one buffer they are dequantized into before each product
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -77,6 +83,10 @@ class Plan:
                      f"MoE layers ({100 * self.experts_per_layer / self.n_experts:.1f} %), "
                      f"{gib(self.expert_device_bytes)} each on the GPU ({self._form()})"
                      + (f"; capped by GPU memory (asked {self.hot_set_request})" if self.hot_set_capped else ""))
+        if self.dense_format != "torch":
+            lines.append(f"  dense part: {self.dense_formats}, {gib(self.dense_bytes)} on the GPUs with a "
+                         f"{gib(self.dense_buffer_bytes)} buffer each packed weight is dequantized into before its "
+                         f"product (--dense {self.dense_format})")
         lines.append(f"  host: routed experts ({self.expert_format}) {gib(self.host_store_bytes)} + reserve "
                      f"{gib(m.host_reserve)} = {gib(self.host_needed_bytes)} of {gib(m.ram)} RAM")
         lines.append(f"predicted, batch 1 (routing: {self.trace_source}); decode at {self.prompt_tokens} and "
@@ -165,6 +175,8 @@ class PlanRequest:
     max_layers: MoE layers of the trace to replay, evenly spaced.
     trace_label: where the routing comes from, as the plan names it (default: the trace's source).
     hot_set_format: "auto" | "packed" | "bf16", as the runtime's --hot-set-format (auto: bf16).
+    dense: the dense linears' format, as the runtime's --dense without torch: auto (the checkpoint's own: FP8
+        for K2's release) | int4 | fp8 | bf16; kept packed on the GPUs and dequantized per use.
     """
     cfg: ModelConfig
     label: str
@@ -180,6 +192,7 @@ class PlanRequest:
     max_layers: int = 4
     trace_label: str | None = None
     hot_set_format: str = "auto"
+    dense: str = "auto"
 
 
 def make_plan(req: PlanRequest) -> Plan:
@@ -187,7 +200,8 @@ def make_plan(req: PlanRequest) -> Plan:
     replay the routing, predict each policy's speed."""
     cfg, m = req.cfg, req.machine
     _check_has_experts(cfg)
-    cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt, hot_set_format=req.hot_set_format)
+    cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt, hot_set_format=req.hot_set_format, dense=req.dense,
+                        dense_decoded=m.dense_decoded)
     store, need = host_check(cfg, cost, m, req.fmt)
     want = _want(req.hot_set, cfg.n_routed_experts)
     _check_context(cfg, req.context)
@@ -203,7 +217,23 @@ def make_plan(req: PlanRequest) -> Plan:
                 cap < min(want, cfg.n_routed_experts), cfg.n_routed_experts, len(cfg.moe_layers), cost.expert_device,
                 store, need, req.trace_label or trace.source, rows,
                 tuple(req.assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers),
-                "packed" if cost.packed_hot_set else "bf16", cost.decode_buffer)
+                "packed" if cost.packed_hot_set else "bf16", cost.decode_buffer, req.dense,
+                dense_summary(cfg, req.dense), cost.dense_bytes, cost.dense_buffer)
+
+
+def dense_summary(cfg: ModelConfig, dense: str) -> str:
+    """The format of the dense linears under `dense`, in words: "fp8, lm_head bf16" (the most common format by
+    weights, then each kind of linear kept in another)."""
+    by_fmt, kinds = Counter(), {}
+    for name, spec in dense_tensors(cfg).items():
+        fmt = dense_format_of(cfg, name, spec, dense)
+        if fmt:
+            by_fmt[fmt] += numel(spec)
+            kinds.setdefault(name.split(".", 3)[-1].rsplit(".", 1)[0] if name.startswith("model.") else "lm_head", fmt)
+    if not by_fmt:
+        return "torch (compute dtype)"
+    main = by_fmt.most_common(1)[0][0]
+    return ", ".join([main] + [f"{k} {f}" for k, f in kinds.items() if f != main])
 
 
 def _check_has_experts(cfg: ModelConfig) -> None:

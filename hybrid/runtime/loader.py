@@ -35,6 +35,7 @@ from hybrid.runtime.model import DevicePart, K2Model, build_routers, set_tensor
 from hybrid.runtime.moe import RouteListeners
 from quant.checkpoint import Checkpoint
 from quant.dense import DenseReader, dense_kind, stored_names
+from quant.formats import FORMAT_NAMES
 from quant.errors import CheckpointError
 
 
@@ -166,7 +167,13 @@ def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -
                           gpu_expert_budget=0 if torch_ref or opts.prefetch == "off" else budget,
                           mmap=src.manifest is not None, group_size=src.group_size,
                           hot_set_format="bf16" if torch_ref else opts.hot_set_format,
-                          devices=tuple(str(d) for d in src.devices))
+                          devices=tuple(str(d) for d in src.devices), dense_format=_dense_choice(src))
+
+
+def _dense_choice(src: Source) -> str:
+    """The dense choice as the planner counts it: a converted store's own dense format for auto."""
+    stored = (src.manifest or {}).get("dense_format")
+    return stored if src.dense == "auto" and stored in FORMAT_NAMES else src.dense
 
 
 def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, devices: DeviceMap, ckpt: Checkpoint,
