@@ -50,10 +50,45 @@ def test_device_dense_dequantizes_per_use_like_the_float_modules(tiny_models, mo
                         lambda dense, dev, dt, pool, act: rd.DeviceDense(dev, dt))
     eng = hybrid.load(model, device="cpu", experts="fp8", dense="auto")     # FP8 as stored, lm_head bf16
     attn = eng.model.model.layers[1].self_attn
-    assert isinstance(attn.q_b_proj, rd.DeviceLinear) and attn.q_b_proj.fmt == "fp8"
-    assert isinstance(attn.kv_b_proj, rd.DeviceKVUp) and eng.model.lm_head.fmt == "bf16"
+    assert isinstance(attn.q_b_proj, rd.DeviceLinear) and attn.q_b_proj.dec.fmt == "fp8"
+    assert isinstance(attn.kv_b_proj, rd.DeviceKVUp) and eng.model.lm_head.dec.fmt == "bf16"
     assert (eng.forward(PROMPT) - ref.forward(PROMPT)).abs().max().item() < 1e-4
     assert eng.generate(PROMPT, 8, stop_ids=()) == ref.generate(PROMPT, 8, stop_ids=())
+
+
+def test_bf16_prefill_runs_bf16_dense_as_gemms_that_agree_with_the_kernels(tiny_models, monkeypatch):
+    """bf16 compute, GEMM_TOKENS or more tokens: BF16 dense weights are multiplied by torch's GEMM (the kernels
+    otherwise); decode steps, FP8 weights and float32 stay on the kernels; both ways are as close to the float32
+    reference as bf16 allows (random tiny weights: a rounding flips a routing choice at a few positions, so the
+    comparison is of whole-prompt statistics)."""
+    model = tiny_models("k2", "fp8")
+    eng = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1, dense="bf16")
+    decoded = []
+    weight = rd.Decodable.weight
+    monkeypatch.setattr(rd.Decodable, "weight", lambda self, s: decoded.append(self.fmt) or weight(self, s))
+    long = [(7 * i) % 1000 + 3 for i in range(rd.GEMM_TOKENS + 16)]
+    gemm = eng.forward(long).float()
+    n_layers = eng.cfg.num_hidden_layers
+    assert set(decoded) == {"bf16"} and len(decoded) >= 5 * n_layers          # q_a, q_b, kv_a, kv_b, o, MLPs, lm_head
+    decoded.clear()
+    eng.generate(long[:8], 4, stop_ids=())                                          # short prefill + decode
+    assert decoded == []
+    fp8 = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1)             # auto: fp8 (lm_head bf16)
+    fp8.forward(long)
+    assert decoded == ["bf16"]                                                      # lm_head only
+    decoded.clear()
+    monkeypatch.setattr(rd, "GEMM_TOKENS", 10**9)
+    kernels = eng.forward(long).float()
+    assert decoded == []
+    f32 = hybrid.load(model, device="cpu", threads=1, dense="bf16")                 # float32: always the kernels
+    ref = f32.forward(long)
+    assert decoded == []
+    err = {}
+    for name, x in (("gemm", gemm), ("kernels", kernels)):
+        assert torch.nn.functional.cosine_similarity(x, ref, dim=-1).mean().item() > 0.995, name
+        assert (x.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9, name
+        err[name] = (x - ref).abs().median().item()
+    assert err["gemm"] < 1.5 * err["kernels"], err
 
 
 def test_bad_dense_requests_name_the_fix(tiny_models, tmp_path):

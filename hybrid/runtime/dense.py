@@ -14,7 +14,11 @@ lm_head). Where weights stay packed:
 - CpuDense (the CPU is the device): PackedLinear / PackedMLP of cpu_experts on the engine's RowPool, the
   same threads as the routed experts, called synchronously: on a CPU-only machine the dense part and the
   experts take turns on the cores instead of competing for them. MLA's absorbed decode runs kv_b's two
-  halves per head as grouped products (W_UK^T, W_UV).
+  halves per head as grouped products (W_UK^T, W_UV). One exception, for speed: a bf16-compute product of
+  GEMM_TOKENS or more tokens (prefill) with a BF16 weight copies the weight into a reused bf16 buffer and
+  runs torch's GEMM (AVX512-BF16 dot products: 950 GFLOP/s on this 2-core host against the kernels' float32
+  FMAs, ~270). FP8 stays on its kernel: torch decodes FP8 on the CPU at 0.26 Gparam/s, slower than the
+  kernel's whole product; INT4 stays on its int8 (VNNI) kernel; float32 compute always runs the kernels.
 - DeviceDense (CUDA): codes and scales stay on the device, each weight is dequantized into one reused
   buffer per device right before its product (FP8 dense: about half of bf16's device memory for K2).
 Packed modules are filled by the loader through fill(reader, name) with a quant.dense.DenseReader.
@@ -54,11 +58,51 @@ class DenseModules:
 
 
 # ---- the CPU as the device ----------------------------------------------------------------------------
+GEMM_TOKENS = 64         # CpuDense: a bf16 product of this many tokens or more runs as dequantize + torch GEMM
+
+
+class Scratch:
+    """One reused buffer of `dtype` values on `device`, grown to the largest request (decoded weights)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._buf = torch.empty(0, dtype=dtype, device=device)
+
+    def take(self, n: int) -> torch.Tensor:
+        """n values, valid until the next take()."""
+        if self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=self.dtype, device=self.device)
+        return self._buf[:n]
+
+
+class Decodable:
+    """A one-group PackedMatrix's codes and scales as torch tensors on `device` (no copy on the CPU), and its
+    weight [rows, cols] decoded into a Scratch buffer on demand (hybrid/runtime/decode.py)."""
+
+    def __init__(self, m: PackedMatrix, device: torch.device):
+        self.fmt, self.group_size, self.rows, self.cols = m.fmt, m.group_size, m.rows, m.cols
+        self.codes = _to(m.codes(0), device)
+        self.scales = None if m.scales(0) is None else _to(m.scales(0), device)
+
+    def weight(self, scratch: Scratch) -> torch.Tensor:
+        w = scratch.take(self.rows * self.cols).view(self.rows, self.cols)
+        return decode_into(self.fmt, self.codes, self.scales, self.group_size, w)
+
+
 class CpuDense(DenseModules):
     packed = True
 
     def __init__(self, pool: RowPool, activations: str = "auto"):
         self.pool, self.activations = pool, activations
+        self.scratch = Scratch(torch.device("cpu"), torch.bfloat16)
+
+    def gemm_form(self, m: PackedMatrix) -> Decodable | None:
+        """What a prefill GEMM decodes: BF16 weights (a copy); None for INT4 and FP8, which stay on their kernels."""
+        return Decodable(m, torch.device("cpu")) if m.fmt == "bf16" else None
+
+    def gemm(self, x: torch.Tensor, w: Decodable | None) -> bool:
+        """Whether the product of x with w runs as dequantize + torch GEMM (see the module docstring)."""
+        return w is not None and x.dtype == torch.bfloat16 and x.shape[0] >= GEMM_TOKENS
 
     def linear(self, in_features, out_features):
         return CpuLinear(in_features, out_features, self)
@@ -86,9 +130,12 @@ class CpuLinear(PackedModule):
         self.op: PackedLinear | None = None
 
     def fill(self, reader, name):
-        self.op = PackedLinear(reader.linear(name + ".weight"), self._dense.activations)
+        m = reader.linear(name + ".weight")
+        self.op, self.dec = PackedLinear(m, self._dense.activations), self._dense.gemm_form(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense.gemm(x, self.dec):
+            return F.linear(x, self.dec.weight(self._dense.scratch))
         return _run(self.op, x, (x.shape[0], self.out_features), self._dense.pool)
 
 
@@ -101,10 +148,18 @@ class CpuMLP(PackedModule):
         self.op: PackedMLP | None = None
 
     def fill(self, reader, name):
-        self.op = PackedMLP(*reader.mlp(name), activations=self._dense.activations)
+        mats = reader.mlp(name)
+        self.op = PackedMLP(*mats, activations=self._dense.activations)
+        self.dec = tuple(self._dense.gemm_form(m) for m in mats)        # gate, up, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run(self.op, x, (x.shape[0], self.hidden), self._dense.pool)
+        d = self._dense
+        if all(d.gemm(x, w) for w in self.dec):
+            gate, up, down = self.dec
+            h = F.silu(F.linear(x, gate.weight(d.scratch)))
+            h = h * F.linear(x, up.weight(d.scratch))
+            return F.linear(h, down.weight(d.scratch))
+        return _run(self.op, x, (x.shape[0], self.hidden), d.pool)
 
 
 class CpuKVUp(PackedModule):
@@ -116,12 +171,14 @@ class CpuKVUp(PackedModule):
         self.full = self.uk_t = self.uv = None
 
     def fill(self, reader, name):
-        act = self._dense.activations
-        self.full = PackedLinear(reader.linear(name + ".weight"), act)
+        act, m = self._dense.activations, reader.linear(name + ".weight")
+        self.full, self.dec = PackedLinear(m, act), self._dense.gemm_form(m)
         uk_t, uv = reader.mla_kv_b(name + ".weight", self.nh, self.dn, self.dv)
         self.uk_t, self.uv = PackedLinear(uk_t, act), PackedLinear(uv, act)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:                 # [S, r] -> [S, nh * (dn + dv)]
+        if self._dense.gemm(c, self.dec):
+            return F.linear(c, self.dec.weight(self._dense.scratch))
         return _run(self.full, c, (c.shape[0], self.nh * (self.dn + self.dv)), self._dense.pool)
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:           # [T, nh, dn] -> [nh, T, r]
@@ -137,7 +194,7 @@ class DeviceDense(DenseModules):
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        self._scratch = torch.empty(0, dtype=dtype, device=device)
+        self.scratch = Scratch(device, dtype)
 
     def linear(self, in_features, out_features):
         return DeviceLinear(in_features, out_features, self)
@@ -148,12 +205,6 @@ class DeviceDense(DenseModules):
     def kv_up(self, r, nh, dn, dv):
         return DeviceKVUp(r, nh, dn, dv, self)
 
-    def buffer(self, n: int) -> torch.Tensor:
-        """A reused buffer of at least n values in the compute dtype (grows to the largest weight)."""
-        if self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=self.dtype, device=self.device)
-        return self._scratch[:n]
-
 
 class DeviceLinear(PackedModule):
     """y = x W^T with W kept packed (codes + scales) on the device and dequantized into a reused buffer."""
@@ -161,22 +212,18 @@ class DeviceLinear(PackedModule):
     def __init__(self, in_features: int, out_features: int, dense: DeviceDense):
         super().__init__()
         self.in_features, self.out_features, self._dense = in_features, out_features, dense
-        self.fmt, self.group_size, self.codes, self.scales = "bf16", 32, None, None
+        self.dec: Decodable | None = None
 
     def fill(self, reader, name):
         self.load(reader.linear(name + ".weight"))
 
     def load(self, m: PackedMatrix) -> None:
         """Take a one-group PackedMatrix's codes and scales to the device, as they are."""
-        dev = self._dense.device
-        self.fmt, self.group_size = m.fmt, m.group_size
-        self.codes = _to(m.codes(0), dev)
-        self.scales = None if m.scales(0) is None else _to(m.scales(0), dev)
+        self.dec = Decodable(m, self._dense.device)
 
     def weight(self) -> torch.Tensor:
-        """The weight [N, K] dequantized into the shared buffer (valid until the next weight())."""
-        w = self._dense.buffer(self.out_features * self.in_features).view(self.out_features, self.in_features)
-        return decode_into(self.fmt, self.codes, self.scales, self.group_size, w)
+        """The weight [N, K] dequantized into the device's shared buffer (valid until the next weight())."""
+        return self.dec.weight(self._dense.scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight())
