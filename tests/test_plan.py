@@ -167,9 +167,21 @@ def test_k2_on_one_rtx4090_plans_with_its_fp8_dense_part(capsys):
     out = capsys.readouterr().out
     assert "dense part: fp8, lm_head bf16, 15.76 GiB on the GPUs with a 2.19 GiB buffer" in out
     assert "bytes of GPU memory traffic per weight int4 7, fp8 9, bf16 6" in out
-    with pytest.raises(SystemExit):                       # torch has no packed form for the planner to count
-        main(args + ["--dense", "torch"])
-    assert "invalid choice: 'torch'" in capsys.readouterr().err
+    # the dense part in bf16 (22.14 GiB) does not fit one 24 GB GPU: the error says so, with the numbers
+    assert main(args + ["--dense", "torch"]) == 2
+    assert "dense weights take 22.14 GiB" in capsys.readouterr().err
+
+
+def test_the_plan_prices_dense_formats_for_what_they_move(capsys):
+    """4xA100 holds K2's dense part either way: bf16 moves 2 bytes per weight per product, FP8 dequantized per
+    use 9, so the plan predicts the bf16 dense part faster at the same hot-set budget (the README says so)."""
+    fast = {}
+    for dense in ("torch", "auto"):
+        assert main(["plan", "--gpus", "4xA100-80GB", "--cpu", "2xsapphire-rapids", "--ram", "1TiB", "--format",
+                     "int4", "--hot-set", "10%", "--policies", "static", "--calibration", "/nonexistent/cal.json",
+                     "--dense", dense, "--json"]) == 0
+        fast[dense] = json.loads(capsys.readouterr().out)["rows"][-1]["decode_tokens_per_s"]
+    assert fast["torch"] > 1.2 * fast["auto"], fast
 
 
 def test_decode_time_packed_hits_pay_a_decode_per_use_and_copies_cross_as_stored():

@@ -24,7 +24,6 @@ def add_plan_parser(sub) -> None:
     from hybrid.core.options import DENSE_CHOICES
     from hybrid.core.placement import HOT_SET_FORMATS
     from hybrid.plan.hardware import GPUS, HOSTS
-    PLAN_DENSE_CHOICES = [c for c in DENSE_CHOICES if c != "torch"]     # the runtime's, but torch (no packed form)
     p = sub.add_parser("plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="kimi-k2", help="kimi-k2 | deepseek-v3 | a model folder (default kimi-k2)")
@@ -48,9 +47,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--hot-set-format", default="auto", choices=["auto", *HOT_SET_FORMATS],
                    help="hot experts kept packed (decoded per use) or dequantized, as the runtime's flag "
                         "(auto: bf16)")
-    p.add_argument("--dense", default="auto", choices=PLAN_DENSE_CHOICES,
+    p.add_argument("--dense", default="auto", choices=DENSE_CHOICES,
                    help="dense (non-expert) linears' format, as the runtime's --dense: auto = the checkpoint's own "
-                        "(fp8 for Kimi K2's release), kept packed on the GPU and dequantized per use")
+                        "(fp8 for Kimi K2's release), kept packed on the GPU and dequantized per use; torch = kept in the "
+                        "compute dtype (more memory, less traffic per product)")
     p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
     p.add_argument("--transfer-budget", default="auto",
                    help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")

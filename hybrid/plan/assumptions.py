@@ -85,11 +85,11 @@ class DefaultFigure:
 
 @dataclass(frozen=True)
 class LayerSplit:
-    """More than one GPU: the plan splits the layers, which hybrid.load does not do yet."""
+    """More than one GPU: the plan splits the layers as hybrid.load(devices=...) does."""
 
     def describe(self) -> str:
-        return ("layers are split over the GPUs in order and run in turn (batch 1); today hybrid.load puts the dense "
-                "part on one device: the split is what a multi-GPU load would do")
+        return ("layers are split over the GPUs in order and run in turn (batch 1), as hybrid.load(devices=...) / "
+                "--devices splits them (the same code; not yet run on several GPUs)")
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ class DenseLayers:
 
     def describe(self) -> str:
         what = "the checkpoint's own format" if self.dense == "auto" else self.dense
+        if self.dense == "torch":
+            return "dense linears (--dense torch) kept in the compute dtype on the GPU, read once per product"
         if not self.decoded:
             return f"dense linears (--dense {self.dense}: {what}) run packed on the CPU kernels"
         per = ", ".join(f"{f} {b}" for f, b in self.traffic.items())

@@ -175,7 +175,7 @@ class PlanRequest:
     max_layers: MoE layers of the trace to replay, evenly spaced.
     trace_label: where the routing comes from, as the plan names it (default: the trace's source).
     hot_set_format: "auto" | "packed" | "bf16", as the runtime's --hot-set-format (auto: bf16).
-    dense: the dense linears' format, as the runtime's --dense without torch: auto (the checkpoint's own: FP8
+    dense: the dense linears' format, as the runtime's --dense: torch (the compute dtype) | auto (the checkpoint's own: FP8
         for K2's release) | int4 | fp8 | bf16; kept packed on the GPUs and dequantized per use.
     """
     cfg: ModelConfig
