@@ -156,7 +156,7 @@ def test_cuda_map_errors(config_only):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_one_gpu_map_equals_the_device(tiny_models):
+def test_cuda_one_gpu_map_equals_the_device(tiny_models):
     d = tiny_models("k2", "fp8")
     a = hybrid.load(d, device="cuda:0", gpu_expert_budget="25%", context=CONTEXT)
     b = hybrid.load(d, devices="cuda:0", gpu_expert_budget="25%", context=CONTEXT)
@@ -165,7 +165,7 @@ def test_one_gpu_map_equals_the_device(tiny_models):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("hot_set_format", ["bf16", "packed"])
-def test_two_gpus_give_the_logits_of_one(tiny_models, hot_set_format):
+def test_cuda_two_gpus_give_the_logits_of_one(tiny_models, hot_set_format):
     d = tiny_models("k2", "fp8")
     opts = dict(gpu_expert_budget="25%", context=CONTEXT, dtype="float32", hot_set_format=hot_set_format)
     one = hybrid.load(d, device="cuda:0", **opts)

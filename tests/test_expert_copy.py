@@ -111,7 +111,7 @@ def test_cuda_copies_reuse_pinned_slots_without_overwriting_a_copy_in_flight():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_copies_to_two_devices_run_on_their_own_streams():
+def test_cuda_copies_to_two_devices_run_on_their_own_streams():
     store = _store("fp8", 256, 128, n=6)
     copiers = [ExpertCopier(torch.device(f"cuda:{i}")) for i in range(2)]
     assert copiers[0].stream != copiers[1].stream

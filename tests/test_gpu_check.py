@@ -32,6 +32,24 @@ def test_every_test_file_that_asks_for_cuda_is_run_by_the_check():
     assert gpu_check.pytest_command("py")[:7] == ["py", "-m", "pytest", "-q", "-m", "", "-k"]
 
 
+def test_every_test_that_needs_cuda_is_selected_by_the_checks_filter():
+    """The check runs `-k cuda`: a test that skips without CUDA (its own skipif or the file's pytestmark) must have
+    "cuda" in its name, or the GPU session would never run it."""
+    import ast
+    missed = []
+    for f in gpu_check.CUDA_TEST_FILES:
+        tree = ast.parse((ROOT / f).read_text())
+        file_wide = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                        and "cuda" in ast.unparse(n.value) for n in tree.body)
+        for n in tree.body:
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test"):
+                needs = file_wide or any("skipif" in ast.unparse(d) and "cuda" in ast.unparse(d)
+                                         for d in n.decorator_list)
+                if needs and "cuda" not in n.name:
+                    missed.append(f"{f}::{n.name}")
+    assert missed == []
+
+
 def test_the_bench_model_is_made_once(tmp_path):
     d = tmp_path / "model"
     maker = gpu_check.start_bench_model(d, preset="tiny")
