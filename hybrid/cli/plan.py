@@ -57,7 +57,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any machine figure: dram_efficiency, numa_efficiency, hbm_efficiency, mfu, serial, "
                         "stage, moe_layer_s, dense_layer_s, token_s, gpu_reserve, host_reserve, overlap, "
-                        "kernel_efficiency.int4, cpu_flops_per_core.fp8, dequantize.bf16, ... (hybrid/hardware.py)")
+                        "kernel_efficiency.int4, cpu_flops_per_core.fp8, dequantize.bf16, ... (hybrid/plan/hardware.py)")
     p.add_argument("--calibration", type=Path, help="calibration file (default ~/.cache/hybrid/calibration.json)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (and time the layers of Kimi K2 and of --config), store it, and exit")
