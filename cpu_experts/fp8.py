@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpu_experts.jit import half_bits_to_f32, kernel
+from cpu_experts.jit import f32_to_bits, half_bits_to_f32, kernel
 
 
 @kernel
@@ -77,3 +77,18 @@ def dequant_rows(buf8, buf16, buf32, stride, lay, H, I, gs, e, which, row0, r0, 
     for r in range(r0, r1):
         dequant_row(buf8, buf32, base + lay[which] + r * n, (base + lay[3 + which]) // 4 + (r // 128) * nb,
                     n, tile[r - row0])
+
+
+@kernel
+def to_bf16_rows(codes, scales, r0, r1, out):
+    """Rows [r0, r1) of a block-FP8 matrix (codes uint8 [R, C], scales float32 [ceil(R/128), ceil(C/128)]) as
+    bf16 bit patterns in out (uint16 [R, C]): each value code x scale in float32, rounded once to nearest even
+    (the same bits as hybrid/runtime/decode.py's fp8_into into bfloat16). For a prefill GEMM on bf16."""
+    n = codes.shape[1]
+    for i in range(r0, r1):
+        srow = scales[i // 128]
+        for blk in range(0, n, 128):
+            s = srow[blk // 128] * np.float32(256.0)
+            for j in range(blk, min(blk + 128, n)):
+                b = f32_to_bits(e4m3_times_2m8(codes[i, j]) * s)
+                out[i, j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))

@@ -62,6 +62,17 @@ def bits_to_f32(typingctx, bits):
 
 
 @intrinsic
+def f32_to_bits(typingctx, x):
+    """The bit pattern of a float32 as a uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(x), codegen
+
+
+@intrinsic
 def half_bits_to_f32(typingctx, bits):
     """IEEE half bit pattern (low 16 bits of an integer) -> float32, exact (vcvtph2ps with F16C)."""
     if not isinstance(bits, types.Integer):

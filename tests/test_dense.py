@@ -56,31 +56,28 @@ def test_device_dense_dequantizes_per_use_like_the_float_modules(tiny_models, mo
     assert eng.generate(PROMPT, 8, stop_ids=()) == ref.generate(PROMPT, 8, stop_ids=())
 
 
-def test_bf16_prefill_runs_bf16_dense_as_gemms_that_agree_with_the_kernels(tiny_models, monkeypatch):
-    """bf16 compute, GEMM_TOKENS or more tokens: BF16 dense weights are multiplied by torch's GEMM (the kernels
-    otherwise); decode steps, FP8 weights and float32 stay on the kernels; both ways are as close to the float32
-    reference as bf16 allows (random tiny weights: a rounding flips a routing choice at a few positions, so the
-    comparison is of whole-prompt statistics)."""
+@pytest.mark.parametrize("dense, widened", [("bf16", {"bf16"}), ("auto", {"fp8", "bf16"})])
+def test_bf16_prefill_runs_dense_as_gemms_that_agree_with_the_kernels(tiny_models, monkeypatch, dense, widened):
+    """bf16 compute, GEMM_TOKENS or more tokens: FP8 and BF16 dense weights are widened to bf16 and multiplied by
+    torch's GEMM (the kernels otherwise); decode steps and float32 stay on the kernels; both ways are as close to
+    the float32 reference as bf16 allows (random tiny weights: a rounding flips a routing choice at a few
+    positions, so the comparison is of whole-prompt statistics). auto: the checkpoint's FP8, lm_head bf16."""
     model = tiny_models("k2", "fp8")
-    eng = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1, dense="bf16")
+    eng = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1, dense=dense)
     decoded = []
-    weight = rd.Decodable.weight
-    monkeypatch.setattr(rd.Decodable, "weight", lambda self, s: decoded.append(self.fmt) or weight(self, s))
+    for cls in (rd.Decodable, rd.PooledFp8):
+        monkeypatch.setattr(cls, "weight", lambda self, s, f=cls.weight: decoded.append(self.fmt) or f(self, s))
     long = [(7 * i) % 1000 + 3 for i in range(rd.GEMM_TOKENS + 16)]
     gemm = eng.forward(long).float()
     n_layers = eng.cfg.num_hidden_layers
-    assert set(decoded) == {"bf16"} and len(decoded) >= 5 * n_layers          # q_a, q_b, kv_a, kv_b, o, MLPs, lm_head
+    assert set(decoded) == widened and len(decoded) >= 5 * n_layers          # q_a, q_b, kv_a, kv_b, o, MLPs, lm_head
     decoded.clear()
     eng.generate(long[:8], 4, stop_ids=())                                          # short prefill + decode
     assert decoded == []
-    fp8 = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1)             # auto: fp8 (lm_head bf16)
-    fp8.forward(long)
-    assert decoded == ["bf16"]                                                      # lm_head only
-    decoded.clear()
     monkeypatch.setattr(rd, "GEMM_TOKENS", 10**9)
     kernels = eng.forward(long).float()
     assert decoded == []
-    f32 = hybrid.load(model, device="cpu", threads=1, dense="bf16")                 # float32: always the kernels
+    f32 = hybrid.load(model, device="cpu", threads=1, dense=dense)                 # float32: always the kernels
     ref = f32.forward(long)
     assert decoded == []
     err = {}

@@ -165,3 +165,16 @@ def test_experts_and_dense_layers_share_one_pool():
     assert _err(lin.run(x, np.empty((3, 96), np.float32), pool), reference.linear_forward(lin.w.dequantize(), x)) \
         <= FLOAT_TOL
     pool.close()
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (256, 384), (5, 7)])
+def test_fp8_widened_to_bf16_is_the_reference_rounded_once(pool, shape):
+    """cpu_experts.fp8.to_bf16_rows (the prefill GEMM's widening): each value is quant's float32 dequantization
+    rounded to bf16 once, to nearest even, bit for bit; partial 128-blocks and row splits over the pool included."""
+    from cpu_experts import fp8
+    from quant.formats import f32_to_bf16_bits
+    w = (np.random.default_rng(3).standard_normal(shape) * 0.05).astype(np.float32)
+    m = PackedMatrix.quantize(w, "fp8")
+    out = np.full(shape, 0xFFFF, np.uint16)
+    pool.run(fp8.to_bf16_rows, (m.codes(0), m.scales(0), out), shape[0])
+    assert np.array_equal(out, f32_to_bf16_bits(m.dequantize()[0]))
