@@ -65,7 +65,7 @@ def test_bf16_prefill_runs_dense_as_gemms_that_agree_with_the_kernels(tiny_model
     model = tiny_models("k2", "fp8")
     eng = hybrid.load(model, device="cpu", dtype="bfloat16", threads=1, dense=dense)
     decoded = []
-    for cls in (rd.Decodable, rd.PooledFp8):
+    for cls in (rd.Decodable, rd.Widened):
         monkeypatch.setattr(cls, "weight", lambda self, s, f=cls.weight: decoded.append(self.fmt) or f(self, s))
     long = [(7 * i) % 1000 + 3 for i in range(rd.GEMM_TOKENS + 16)]
     gemm = eng.forward(long).float()

@@ -91,9 +91,11 @@ DEV_CALIBRATION = {
     "kernel_efficiency": {"int4": 0.79, "fp8": 0.73, "bf16": 0.87},
     "cpu_flops_per_core": {"int4": 290e9, "fp8": 145e9, "bf16": 133e9},
     "stage": 17.6e9,             # staging_rates(): memcpy into a staging buffer, one thread
-    # fixed costs: measure_overheads with dense="torch" (the dense part as torch modules, what a GPU runs),
-    # 2026-11-30, mean of two runs (BENCHMARKS.md, fixed costs before/after); the packed CPU dense path costs
-    # more per dense layer on tiny weights and is not what a GPU plan runs
+    # fixed costs: measure_overheads with dense="torch", 2026-11-30, mean of two runs (BENCHMARKS.md, fixed
+    # costs before/after): torch modules, the closest this CPU gets to a GPU's host side (a GPU with packed dense
+    # layers adds a few dequantization ops per linear: not measured); the CPU kernels' packed dense path costs
+    # more per layer on tiny weights and is not what a GPU plan runs. `--calibrate` measures the local engine
+    # as it runs (dense auto).
     "token_s": 46e-6, "dense_layer_s": 244e-6, "moe_layer_s": 517e-6,
 }
 

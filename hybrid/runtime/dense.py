@@ -15,10 +15,11 @@ lm_head). Where weights stay packed:
   same threads as the routed experts, called synchronously: on a CPU-only machine the dense part and the
   experts take turns on the cores instead of competing for them. MLA's absorbed decode runs kv_b's two
   halves per head as grouped products (W_UK^T, W_UV). One exception, for speed: a bf16-compute product of
-  GEMM_TOKENS or more tokens (prefill) with an FP8 or BF16 weight widens the weight into a reused bf16 buffer
-  (FP8: cpu_experts.fp8.to_bf16_rows on the pool, 2.6 Gparam/s here, bit-identical to decode.py's fp8_into)
-  and runs torch's GEMM (AVX512-BF16 dot products: 950 GFLOP/s on this 2-core host against the kernels'
-  float32 FMAs, ~270). INT4 stays on its int8 (VNNI) kernel; float32 compute always runs the kernels.
+  GEMM_TOKENS or more tokens (a prefill chunk, or a step of that many sequences) with an FP8 or BF16 weight
+  widens the weight into a reused bf16 buffer (FP8: cpu_experts.fp8.to_bf16_rows on the pool, 2.6 Gparam/s
+  here, bit-identical to decode.py's fp8_into; BF16: a copy) and runs torch's GEMM (AVX512-BF16 dot products:
+  950 GFLOP/s on this 2-core host against the FP8/BF16 kernels' float32 FMAs, ~270). INT4 stays on its int8
+  (VNNI) kernel (~600 GFLOP/s); float32 compute always runs the kernels.
 - DeviceDense (CUDA): codes and scales stay on the device, each weight is dequantized into one reused
   buffer per device right before its product (FP8 dense: about half of bf16's device memory for K2).
 Packed modules are filled by the loader through fill(reader, name) with a quant.dense.DenseReader.
@@ -91,17 +92,16 @@ class Decodable:
         return decode_into(self.fmt, self.codes, self.scales, self.group_size, w)
 
 
-class PooledFp8(Decodable):
-    """A block-FP8 weight on the CPU, widened to bf16 by the pool's threads (cpu_experts.fp8.to_bf16_rows)."""
+class Widened(Decodable):
+    """An FP8 weight on the CPU, widened to bf16 by the pool's threads (cpu_experts.fp8.to_bf16_rows)."""
 
     def __init__(self, m: PackedMatrix, pool: RowPool):
         self.fmt, self.group_size, self.rows, self.cols = m.fmt, m.group_size, m.rows, m.cols
-        self.np_codes, self.np_scales, self.pool = m.codes(0), m.scales(0), pool
+        self.pool, self._head = pool, (m.codes(0), m.scales(0))
 
     def weight(self, scratch: Scratch) -> torch.Tensor:
         w = scratch.take(self.rows * self.cols).view(self.rows, self.cols)
-        bits = w.view(torch.int16).numpy().view(np.uint16)
-        self.pool.run(fp8_kernels.to_bf16_rows, (self.np_codes, self.np_scales, bits), self.rows)
+        self.pool.run(fp8_kernels.to_bf16_rows, (*self._head, w.view(torch.int16).numpy().view(np.uint16)), self.rows)
         return w
 
 
@@ -113,13 +113,14 @@ class CpuDense(DenseModules):
         self.scratch = Scratch(torch.device("cpu"), torch.bfloat16)
 
     def gemm_form(self, m: PackedMatrix) -> Decodable | None:
-        """What a prefill GEMM widens: FP8 (on the pool) and BF16 (a copy) weights; None for INT4 (its kernel)."""
-        if m.fmt == "fp8":
-            return PooledFp8(m, self.pool)
-        return Decodable(m, torch.device("cpu")) if m.fmt == "bf16" else None
+        """What a prefill GEMM widens to bf16: FP8 weights on the pool, BF16 ones by a copy; None for INT4, which
+        stays on its int8 (VNNI) kernel (widened at 1.6 Gparam/s + the GEMM, it measured no faster)."""
+        if m.fmt == "int4":
+            return None
+        return Decodable(m, torch.device("cpu")) if m.fmt == "bf16" else Widened(m, self.pool)
 
     def gemm(self, x: torch.Tensor, w: Decodable | None) -> bool:
-        """Whether the product of x with w runs as dequantize + torch GEMM (see the module docstring)."""
+        """Whether the product of x with w runs as widen + torch GEMM (see the module docstring)."""
         return w is not None and x.dtype == torch.bfloat16 and x.shape[0] >= GEMM_TOKENS
 
     def linear(self, in_features, out_features):
