@@ -69,6 +69,35 @@ def test_map_of_logical_devices_gives_the_logits_of_one_device(tiny_models, kind
     assert len(many.experts.copiers) == len(cfg.moe_layers) and len(one.experts.copiers) == 1
 
 
+def test_each_device_keeps_the_dense_decode_buffer_the_placement_counts(tiny_models, monkeypatch):
+    """Packed dense layers dequantized per use (CUDA's DeviceDense, run here on CPU stand-ins): after a forward,
+    each device's buffer is what DeviceBytes counts for it, the largest packed linear among its parts (layer
+    0's dense MLP, o_proj, lm_head), not one buffer for the whole model."""
+    from hybrid.core.placement import DeviceBytes
+    from hybrid.runtime import dense as rd
+    d = tiny_models("v3", "fp8")
+    cfg = ModelConfig.from_file(d)
+    monkeypatch.setattr("hybrid.runtime.loader.modules_for", lambda dense, dev, dt, pool, act: rd.DeviceDense(dev, dt))
+    n = cfg.num_hidden_layers
+    eng = hybrid.load(d, devices=",".join(["cpu"] * n), gpu_memory=_tight_memory(d, n, "25%"),
+                      gpu_expert_budget="25%", context=CONTEXT, threads=1, dense="auto")
+    assert len(eng.plan.shares) > 1
+    eng.forward(PROMPT)
+    counted = DeviceBytes.of(cfg, 4, "fp8", "bf16", dense="auto", dense_decoded=True).dense_buffers
+    layers = eng.model.model.layers
+    held = []
+    for s in eng.plan.shares:
+        scratch = {id(m._dense.scratch): m._dense.scratch for L in s.layers for m in layers[L].modules()
+                   if isinstance(m, rd.DeviceLinear)}
+        if s.head:
+            scratch[id(eng.model.lm_head._dense.scratch)] = eng.model.lm_head._dense.scratch
+        assert len(scratch) == 1                                       # one buffer per device
+        parts = ([0] if s.embed else []) + [L + 1 for L in s.layers] + ([n + 1] if s.head else [])
+        held.append((next(iter(scratch.values())).nbytes, max(counted[p] for p in parts)))
+    assert all(h == c for h, c in held), held
+    assert len({h for h, _ in held}) > 1                               # the devices' buffers differ
+
+
 def test_packed_hot_set_on_a_map_keeps_a_buffer_per_device(tiny_models):
     d = tiny_models("k2", "fp8")
     opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1, hot_set_format="packed", dense="torch")

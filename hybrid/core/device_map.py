@@ -9,7 +9,8 @@ so the placement a plan prints is the placement the runtime performs.
 
 The split fills the devices in order, each taking what fits: the embeddings, then each layer (its dense weights,
 its KV cache for `context` tokens, its hot experts), then the final norm + lm_head. A layer is never split
-inside a device, so devices past the last one needed stay unused. A packed hot set keeps one decode buffer on
+inside a device, so devices past the last one needed stay unused. Packed dense layers on CUDA are dequantized
+into one buffer per device, the size of the largest packed linear that device holds. A packed hot set keeps one decode buffer on
 every device (room kept on each). Every MoE layer holds the same number of hot experts, as the runtime keeps it.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ class MapCost(Protocol):
     expert_device: int                               # one resident hot-set expert
     decode_buffer: int                               # a packed hot set's decode buffer, one per device
     n_experts: int                                   # routed experts per MoE layer
+    dense_buffers: tuple[int, ...]                   # per part (embeddings, each layer, head): the largest packed
+                                                     # dense linear dequantized there (a device's buffer: the
+                                                     # largest of its parts'); () or zeros: none
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class DeviceShare:
     kv_bytes: int
     hot_bytes: int
     free_bytes: int
+    dense_buffer: int = 0        # of dense_bytes: the buffer packed dense linears are dequantized into (CUDA)
 
     @property
     def layers(self) -> range:
@@ -88,30 +93,33 @@ def split_layers(cost: MapCost, devices: Devices, context: int, cap: int) -> lis
     buf = cost.decode_buffer if cap else 0       # a packed hot set's decode buffer, room kept on every device
     usable = full - buf
     kv = context * cost.kv_bytes_per_token
-    items = [("embed", cost.embed_bytes, 0, 0)] + [
-        (L, a + f, kv, cap * cost.expert_device if moe else 0) for L, (moe, a, f, _) in enumerate(cost.layers)] + \
-        [("head", cost.head_bytes, 0, 0)]
+    dbuf = cost.dense_buffers or (0,) * (len(cost.layers) + 2)
+    items = [("embed", cost.embed_bytes, 0, 0, dbuf[0])] + [
+        (L, a + f, kv, cap * cost.expert_device if moe else 0, dbuf[L + 1])
+        for L, (moe, a, f, _) in enumerate(cost.layers)] + [("head", cost.head_bytes, 0, 0, dbuf[-1])]
     shares, g, cur = [], 0, []
 
     def close(group):
         layers = [it[0] for it in group if isinstance(it[0], int)]
         dense, kvb, hot = (sum(it[i] for it in group) for i in (1, 2, 3))
+        dbuf = max(it[4] for it in group)               # this device's dense decode buffer
+        dense += dbuf
         hot += buf if hot else 0
         shares.append(DeviceShare(len(shares), layers[0] if layers else 0, layers[-1] if layers else -1,
                                   any(it[0] == "embed" for it in group), any(it[0] == "head" for it in group),
-                                  dense, kvb, hot, full - dense - kvb - hot))
-    used = 0
+                                  dense, kvb, hot, full - dense - kvb - hot, dbuf))
+    used = widest = 0
     for it in items:
         size = it[1] + it[2] + it[3]
-        if size > usable:
+        if size + it[4] > usable:
             return None
-        if used + size > usable:
+        if used + size + max(widest, it[4]) > usable:
             close(cur)
-            g, cur, used = g + 1, [], 0
+            g, cur, used, widest = g + 1, [], 0, 0
             if g >= devices.count:
                 return None
         cur.append(it)
-        used += size
+        used, widest = used + size, max(widest, it[4])
     close(cur)
     return shares
 
@@ -126,7 +134,8 @@ def place(cost: MapCost, devices: Devices, context: int, want: int) -> tuple[lis
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if split_layers(cost, devices, mid, 0) else (lo, mid - 1)
         total = devices.count * devices.usable
-        fixed = cost.embed_bytes + sum(a + f for _, a, f, _ in cost.layers) + cost.head_bytes
+        fixed = cost.embed_bytes + sum(a + f for _, a, f, _ in cost.layers) + cost.head_bytes + \
+            max(cost.dense_buffers, default=0)
         kv = context * cost.kv_bytes_per_token * len(cost.layers)
         more = next((n for n in range(devices.count + 1, 65)
                      if split_layers(cost, replace(devices, count=n), context, 0)), None)

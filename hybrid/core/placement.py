@@ -81,39 +81,46 @@ class DeviceBytes:
     float32), the KV cache in the compute dtype, hot-set experts in their form (hot_expert_bytes)."""
     layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is MoE, attention bytes, MLP bytes, params)
     embed_bytes: int
-    head_bytes: int                                  # final norm + lm_head (+ the dense decode buffer, if any)
+    head_bytes: int                                  # final norm + lm_head
     kv_bytes_per_token: int                          # per layer
     expert_device: int
     decode_buffer: int
     n_experts: int
+    dense_buffers: tuple[int, ...] = ()              # per part in split order (embeddings, each layer, head): the
+                                                     # largest packed linear a CUDA device dequantizes (0: none)
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype_bytes: int, expert_format: str, form: str, group_size: int = 32,
            dense: str = "torch", dense_decoded: bool = False) -> "DeviceBytes":
         """form: the resolved hot-set form ("packed" | "bf16"). dense: the runtime's --dense choice;
-        dense_decoded: packed dense linears are dequantized per use into one buffer (a CUDA device: its size,
-        the largest packed linear, is counted with the head, where lm_head sets it), else read packed (a CPU
-        device's kernels)."""
+        dense_decoded: packed dense linears are dequantized per use into one buffer per device (CUDA: each
+        device's buffer is its largest packed linear, dense_buffers per part), else read packed (a CPU device's
+        kernels: no buffer)."""
         n = cfg.num_hidden_layers
-        attn, ffn, params = [0] * n, [0] * n, [0] * n
-        embed, head = 0, dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) if dense_decoded else 0
+        attn, ffn, params, bufs = [0] * n, [0] * n, [0] * n, [0] * (n + 2)
+        embed = head = 0
         for name, spec in dense_tensors(cfg).items():
             nbytes = dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
-            if name.startswith("model.layers."):
-                L = int(name.split(".")[2])
-                (ffn if ".mlp." in name else attn)[L] += nbytes
-                params[L] += numel(spec)
-            elif name == "model.embed_tokens.weight":
+            part = int(name.split(".")[2]) + 1 if name.startswith("model.layers.") else \
+                0 if name == "model.embed_tokens.weight" else n + 1
+            if dense_decoded and dense_format_of(cfg, name, spec, dense, group_size):
+                bufs[part] = max(bufs[part], numel(spec) * dtype_bytes)
+            if 0 < part <= n:
+                (ffn if ".mlp." in name else attn)[part - 1] += nbytes
+                params[part - 1] += numel(spec)
+            elif part == 0:
                 embed += nbytes
             else:
                 head += nbytes
         per_expert, buffer = hot_expert_bytes(cfg, expert_format, form, dtype_bytes, group_size)
         return cls(tuple((cfg.is_moe_layer(L), attn[L], ffn[L], params[L]) for L in range(n)), embed, head,
-                   cfg.kv_cache_dim * dtype_bytes, per_expert, buffer, cfg.n_routed_experts)
+                   cfg.kv_cache_dim * dtype_bytes, per_expert, buffer, cfg.n_routed_experts, tuple(bufs))
 
     @property
     def dense_bytes(self) -> int:
-        return self.embed_bytes + sum(a + f for _, a, f, _ in self.layers) + self.head_bytes
+        """Everything but the routed experts on one device: the tensors and the one dense decode buffer."""
+        return self.embed_bytes + sum(a + f for _, a, f, _ in self.layers) + self.head_bytes + \
+            max(self.dense_buffers, default=0)
 
 
 @dataclass(frozen=True)
@@ -220,13 +227,6 @@ def dense_tensor_bytes(cfg: ModelConfig, name: str, spec: TensorSpec, dtype_byte
     if dense != "torch" and name == "model.embed_tokens.weight":
         return numel(spec) * 2
     return device_nbytes(name, spec, dtype_bytes)
-
-
-def dense_buffer_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32) -> int:
-    """The one reused buffer a CUDA device dequantizes packed dense weights into (DeviceDense): the largest
-    packed linear in the compute dtype (K2: lm_head, 2.19 GiB in bf16); 0 for dense="torch"."""
-    return max((numel(spec) * dtype_bytes for name, spec in dense_tensors(cfg).items()
-                if dense_format_of(cfg, name, spec, dense, group_size)), default=0)
 
 
 def dense_device_bytes(cfg: ModelConfig, dtype_bytes: int, dense: str = "torch", group_size: int = 32,

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from quant.formats import bytes_per_matrix
 
 from hybrid.core.config import ModelConfig
-from hybrid.core.placement import (DeviceBytes, dense_buffer_bytes, dense_format_of, dense_tensor_bytes,
+from hybrid.core.placement import (DeviceBytes, dense_format_of, dense_tensor_bytes,
                                    resolve_hot_set_format)
 from hybrid.core.weights import dense_tensors, expert_shapes, numel
 
@@ -95,7 +95,7 @@ class Rates:
 class ModelCost:
     """Bytes and FLOPs of one model under one placement (device dtype, expert format, dense format)."""
     layers: tuple[tuple[bool, int, int, int], ...]   # per layer: (is_moe, B_attn, B_ffn, params of both), resident
-    head_bytes: int                             # final norm + lm_head (+ one embedding row) + the dense decode buffer
+    head_bytes: int                             # final norm + lm_head (+ one embedding row)
     head_params: int                            # lm_head (what one token's logits multiply)
     embed_bytes: int                            # the whole embedding table (stored, not read per token)
     kv_bytes_per_token: int                     # per layer
@@ -113,8 +113,9 @@ class ModelCost:
                                                 # through device memory (default: the resident B_attn, B_ffn)
     head_reads: int | None = None               # the same for the head (default: head_bytes)
     dense_format: str = "torch"                 # the runtime's dense choice these bytes follow
-    dense_buffer: int = 0                       # packed dense on CUDA: the one buffer they dequantize into (in
-                                                # head_bytes: lm_head, the largest packed linear, sets its size)
+    dense_buffer: int = 0                       # packed dense on CUDA: the largest buffer they dequantize into
+    dense_buffers: tuple[int, ...] = ()         # per part (embeddings, layers, head), as DeviceBytes: each device
+                                                # of a split keeps the largest of its parts' (device_map)
 
     def __post_init__(self):
         if self.expert_weights is None:
@@ -134,7 +135,6 @@ class ModelCost:
         dev = DeviceBytes.of(cfg, dtype_bytes, expert_format, form, group_size, dense, dense_decoded)
         row = cfg.hidden_size * (dtype_bytes if dense == "torch" else 2)    # packed: the table stays bf16
         reads, head_read = _dense_reads(cfg, dtype_bytes, dense, group_size, dense_decoded)
-        buffer = dense_buffer_bytes(cfg, dtype_bytes, dense, group_size) if dense_decoded else 0
         params = sum(r * c for r, c in expert_shapes(cfg))
         host = sum(bytes_per_matrix(expert_format, r, c, group_size) for r, c in expert_shapes(cfg))
         nh = cfg.num_attention_heads
@@ -142,7 +142,8 @@ class ModelCost:
                    dev.kv_bytes_per_token, host, dev.expert_device, params, cfg.num_experts_per_tok,
                    cfg.n_routed_experts, 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim),
                    2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                   form == "packed", params * dtype_bytes, dev.decode_buffer, reads, head_read + row, dense, buffer)
+                   form == "packed", params * dtype_bytes, dev.decode_buffer, reads, head_read + row, dense,
+                   max(dev.dense_buffers, default=0), dev.dense_buffers)
 
     @property
     def hit_decode_params(self) -> int:
@@ -161,7 +162,7 @@ class ModelCost:
     @property
     def dense_bytes(self) -> int:
         """Device bytes of everything but the routed experts (the decode buffer included)."""
-        return self.embed_bytes + self.head_bytes + sum(a + f for _, a, f, _ in self.layers)
+        return self.embed_bytes + self.head_bytes + sum(a + f for _, a, f, _ in self.layers) + self.dense_buffer
 
 
 def _dense_reads(cfg: ModelConfig, dtype_bytes: int, dense: str, group_size: int,

@@ -56,8 +56,8 @@ class Plan:
     decode_buffer_bytes: int = 0     # packed: one expert in the compute dtype on each GPU, the decode target
     dense_format: str = "torch"      # the runtime's dense choice the plan's dense bytes follow (PlanRequest.dense)
     dense_formats: str = ""          # what that gives each dense linear, in words (dense_summary)
-    dense_bytes: int = 0             # all non-expert bytes on the GPUs, the dense decode buffer included
-    dense_buffer_bytes: int = 0      # packed dense: the one buffer they are dequantized into before each product
+    dense_bytes: int = 0             # all non-expert bytes on the GPUs, each GPU's dense decode buffer included
+    dense_buffer_bytes: int = 0      # packed dense: the largest of the GPUs' buffers they are dequantized into
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -84,7 +84,8 @@ class Plan:
                      f"{gib(self.expert_device_bytes)} each on the GPU ({self._form()})"
                      + (f"; capped by GPU memory (asked {self.hot_set_request})" if self.hot_set_capped else ""))
         if self.dense_format != "torch":
-            lines.append(f"  dense part: {self.dense_formats}, {gib(self.dense_bytes)} on the GPUs with a "
+            per = "a" if len(self.gpus) == 1 else "one buffer per GPU, the largest"
+            lines.append(f"  dense part: {self.dense_formats}, {gib(self.dense_bytes)} on the GPUs with {per} "
                          f"{gib(self.dense_buffer_bytes)} buffer each packed weight is dequantized into before its "
                          f"product (--dense {self.dense_format})")
         lines.append(f"  host: routed experts ({self.expert_format}) {gib(self.host_store_bytes)} + reserve "
@@ -218,7 +219,7 @@ def make_plan(req: PlanRequest) -> Plan:
                 store, need, req.trace_label or trace.source, rows,
                 tuple(req.assumptions) + tuple(trace_notes) + m.notes, tuple(cfg.moe_layers),
                 "packed" if cost.packed_hot_set else "bf16", cost.decode_buffer, req.dense,
-                dense_summary(cfg, req.dense), cost.dense_bytes, cost.dense_buffer)
+                dense_summary(cfg, req.dense), sum(g.dense_bytes for g in gpus), cost.dense_buffer)
 
 
 def dense_summary(cfg: ModelConfig, dense: str) -> str:

@@ -71,6 +71,11 @@ class Scratch:
         self.device, self.dtype = device, dtype
         self._buf = torch.empty(0, dtype=dtype, device=device)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (the largest request so far)."""
+        return self._buf.numel() * self._buf.element_size()
+
     def take(self, n: int) -> torch.Tensor:
         """n values, valid until the next take()."""
         if self._buf.numel() < n:
