@@ -16,7 +16,7 @@ PROMPT = [5, 77, 300, 12, 990, 41, 41, 7]
 CONTEXT = 256
 
 
-def _tight_memory(model_dir, n: int, budget: str, form: str = "bf16", dtype_bytes: int = 4) -> int:
+def _tight_memory(model_dir, n: int, budget: str, form: str = "bf16", dtype_bytes: int = 4, dense: str = "torch") -> int:
     """The least memory per device on which the runtime's plan (float32 on the CPU, fp8 experts, dense="torch",
     the hot set in `form`) gives the hot set all of `budget`: so tight that the layers spread over all n devices
     (with packed dense layers the lm_head, kept bf16, outweighs a layer and two layers share a device)."""
@@ -25,7 +25,7 @@ def _tight_memory(model_dir, n: int, budget: str, form: str = "bf16", dtype_byte
     def plan(m):
         return plan_placement(cfg, device="cpu", dtype_bytes=dtype_bytes, expert_format="fp8", context=CONTEXT,
                               device_memory=m, host_memory=2**40, gpu_expert_budget=budget,
-                              hot_set_format=form, devices=("cpu",) * n, dense_format="torch")
+                              hot_set_format=form, devices=("cpu",) * n, dense_format=dense)
     want = plan(2**40).experts_per_layer
     lo, hi = 1, 2**30
     while lo < hi:
@@ -96,6 +96,18 @@ def test_each_device_keeps_the_dense_decode_buffer_the_placement_counts(tiny_mod
         held.append((next(iter(scratch.values())).nbytes, max(counted[p] for p in parts)))
     assert all(h == c for h, c in held), held
     assert len({h for h, _ in held}) > 1                               # the devices' buffers differ
+
+
+@pytest.mark.parametrize("kind", ["k2", "v3"])
+def test_packed_dense_layers_on_a_map_give_the_logits_of_one_device(tiny_models, kind):
+    """The default dense choice (the checkpoint's FP8 on the kernels) split over two devices."""
+    d = tiny_models(kind, "fp8")
+    opts = dict(gpu_expert_budget="25%", context=CONTEXT, threads=1)
+    one = hybrid.load(d, device="cpu", **opts)
+    many = hybrid.load(d, devices="cpu,cpu", gpu_memory=_tight_memory(d, 2, "25%", dense="auto"), **opts)
+    assert len(many.plan.shares) == 2 and many.info.dense == "auto"
+    assert torch.equal(one.forward(PROMPT), many.forward(PROMPT))
+    assert one.generate(PROMPT, 8, stop_ids=()) == many.generate(PROMPT, 8, stop_ids=())
 
 
 def test_packed_hot_set_on_a_map_keeps_a_buffer_per_device(tiny_models):

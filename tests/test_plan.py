@@ -96,7 +96,7 @@ def test_model_cost_agrees_with_the_placement_byte_counts():
     cfg, _ = resolve_config("kimi-k2")
     c = ModelCost.of(cfg, 2, "int4", hot_set_format="bf16")
     stored = c.embed_bytes + sum(a + f for _, a, f, _ in c.layers) + c.head_bytes - cfg.hidden_size * 2
-    assert stored == dense_device_bytes(cfg, 2)        # ModelCost builds on the placement's DeviceBytes (by hand: above)
+    assert stored == dense_device_bytes(cfg, 2)        # ModelCost builds on the placement's DeviceBytes (by hand: test_dense_bytes_follow_the_dense_format)
     assert c.expert_host == expert_host_bytes(cfg, "int4")
     assert c.expert_device == 3 * 7168 * 2048 * 2 and c.kv_bytes_per_token == 576 * 2
     assert c.moe_layers == 60 and c.layers[0][0] is False
