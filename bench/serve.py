@@ -3,11 +3,13 @@
 
     python -m bench.serve --model DIR [--clients 1,2,4,8,16] [--tokens 64] [--agent-turns 6] [--soak-s 60]
 
-1. Concurrency: N clients each stream one chat completion of --tokens new tokens (greedy, EOS ignored by
-   max_tokens being reached first is not guaranteed on a random model, so tokens are counted as received),
-   all started together. Aggregate decode tokens/s = tokens received after each client's first token /
-   wall time from the first first-token to the last token; inter-token latency = gaps between chunks.
-   Printed: both, and their ratios to 1 client.
+1. Concurrency: N clients each stream one chat completion of up to --tokens new tokens (greedy; a random
+   model may stop earlier), all started together. Tokens are counted from each stream's final usage chunk
+   (stream_options.include_usage), not from content chunks: the server holds back text that is not whole
+   UTF-8 yet, so one chunk can carry several tokens. Aggregate decode tokens/s = tokens after each client's
+   first / wall time from the first first-token to the last token; inter-token latency = each stream's time
+   from its first to its last token / its tokens after the first (median over streams); the median gap
+   between content chunks is printed beside it. Ratios to 1 client.
 2. Agent loop: a ~2,000-token system+tools prompt, then 6 turns; each turn resends the whole conversation
    (assistant replies included) plus a short user message. Time to first token of each turn, against turn 1.
 3. Soak: 32 clients for --soak-s seconds with random prompt lengths, random early disconnects; counts
@@ -34,7 +36,9 @@ from pathlib import Path
 class Stream:
     ttft: float = 0.0                       # seconds to the first content token
     gaps: list[float] = field(default_factory=list)
-    tokens: int = 0                         # chunks with content received
+    tokens: int = 0                         # chunks with content received (a chunk may carry several tokens:
+                                            # the server holds back text that is not yet whole UTF-8)
+    usage_tokens: int = 0                   # completion tokens as the final usage chunk counts them (0: none)
     first: float = 0.0                      # clock of the first token
     last: float = 0.0
     error: str | None = None
@@ -70,8 +74,10 @@ def stream_chat(client, messages, max_tokens: int, stop_after: int | None = None
     t0 = time.perf_counter()
     try:
         stream = client.chat.completions.create(model="kimi-k2", messages=messages, max_tokens=max_tokens,
-                                                temperature=0.0, stream=True)
+                                                temperature=0.0, stream=True, stream_options={"include_usage": True})
         for chunk in stream:
+            if chunk.usage is not None:
+                st.usage_tokens = chunk.usage.completion_tokens
             if not chunk.choices or not chunk.choices[0].delta.content:
                 continue
             now = time.perf_counter()
@@ -121,10 +127,11 @@ def concurrency(url: str, counts: list[int], tokens: int) -> list[dict]:
         streams = run_clients(url, n, tokens, rng)
         errors = [s.error for s in streams if s.error]
         first, last = min(s.first for s in streams if s.tokens), max(s.last for s in streams if s.tokens)
-        after_first = sum(max(0, s.tokens - 1) for s in streams)
-        gaps = [g for s in streams for g in s.gaps]
+        after_first = sum(max(0, (s.usage_tokens or s.tokens) - 1) for s in streams)
+        per_token = [(s.last - s.first) / (s.usage_tokens - 1) for s in streams if s.usage_tokens > 1]
         rows.append({"clients": n, "tok_s": after_first / (last - first) if last > first else 0.0,
-                     "itl_ms": 1e3 * statistics.median(gaps) if gaps else 0.0,
+                     "itl_ms": 1e3 * statistics.median(per_token) if per_token else 0.0,
+                     "chunk_gap_ms": 1e3 * statistics.median(g for s in streams for g in s.gaps),
                      "ttft_ms": 1e3 * statistics.median(s.ttft for s in streams if s.tokens),
                      "tokens": sum(s.tokens for s in streams), "errors": len(errors)})
     base = rows[0]
@@ -226,11 +233,11 @@ def main(argv=None) -> None:
     try:
         rows = concurrency(url, [int(x) for x in a.clients.split(",")], a.tokens)
         print("| clients | aggregate decode tok/s | vs 1 client | median inter-token ms | vs 1 client | "
-              "median TTFT ms | errors |")
-        print("|---|---|---|---|---|---|---|")
+              "median chunk gap ms | median TTFT ms | errors |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['clients']} | {r['tok_s']:.1f} | {r['tok_s_x']:.2f}x | {r['itl_ms']:.1f} | "
-                  f"{r['itl_x']:.2f}x | {r['ttft_ms']:.0f} | {r['errors']} |", flush=True)
+                  f"{r['itl_x']:.2f}x | {r['chunk_gap_ms']:.1f} | {r['ttft_ms']:.0f} | {r['errors']} |", flush=True)
         ttft = agent_loop(url, a.agent_turns, a.agent_system_words, 16)
         print("\n| agent turn | TTFT ms | vs turn 1 |\n|---|---|---|")
         for i, t in enumerate(ttft):
