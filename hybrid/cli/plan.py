@@ -2,7 +2,7 @@
 
     hybrid plan --config kimi-k2 --gpus 4xA100-80GB --cpu 2xsapphire-rapids --ram 1TiB [--format int4]
                 [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--hot-set-format auto|packed|bf16]
-                [--dense auto|int4|fp8|bf16] [--json]
+                [--dense auto|torch|int4|fp8|bf16] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
 The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
@@ -189,7 +189,7 @@ def cmd_plan(a) -> int:
     if a.calibrate:
         return _calibrate(a)
     from hybrid.plan.assumptions import DenseLayers, HotSetCopies, render
-    from hybrid.plan.perf import decode_traffic
+    from hybrid.plan.perf import decoded_product_bytes
     from hybrid.core.placement import resolve_hot_set_format
     from hybrid.plan.known_models import resolve_config
     from hybrid.plan.planner import PlanRequest, make_plan
@@ -200,8 +200,8 @@ def cmd_plan(a) -> int:
     trace, routing = trace_source(a, cfg)
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
     copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format], packed)
-    dense = DenseLayers(a.dense, m.dense_decoded, {f: decode_traffic(f, m.dtype_bytes) + m.dtype_bytes
-                                                   for f in FORMAT_NAMES}, m.dtype_bytes)
+    dense = DenseLayers(a.dense, m.dense_decoded, {f: decoded_product_bytes(f, m.dtype_bytes) for f in FORMAT_NAMES},
+                        m.dtype_bytes)
     policies = tuple(x for x in a.policies.split(",") if x)
     plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
                                  prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,

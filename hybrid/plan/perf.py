@@ -113,7 +113,6 @@ class ModelCost:
                                                 # through device memory (default: the resident B_attn, B_ffn)
     head_reads: int | None = None               # the same for the head (default: head_bytes)
     dense_format: str = "torch"                 # the runtime's dense choice these bytes follow
-    dense_buffer: int = 0                       # packed dense on CUDA: the largest buffer they dequantize into
     dense_buffers: tuple[int, ...] = ()         # per part (embeddings, layers, head), as DeviceBytes: each device
                                                 # of a split keeps the largest of its parts' (device_map)
 
@@ -143,7 +142,7 @@ class ModelCost:
                    cfg.n_routed_experts, 2 * nh * (cfg.qk_head_dim + cfg.v_head_dim),
                    2 * cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                    form == "packed", params * dtype_bytes, dev.decode_buffer, reads, head_read + row, dense,
-                   max(dev.dense_buffers, default=0), dev.dense_buffers)
+                   dev.dense_buffers)
 
     @property
     def hit_decode_params(self) -> int:
@@ -158,6 +157,11 @@ class ModelCost:
     def device_read_bytes(self) -> int:
         """Device weight bytes one decode token moves (no KV, no routed experts)."""
         return self.head_reads + sum(a + f for a, f in self.reads)
+
+    @property
+    def dense_buffer(self) -> int:
+        """Packed dense on CUDA: the largest buffer they are dequantized into (0: none)."""
+        return max(self.dense_buffers, default=0)
 
     @property
     def dense_bytes(self) -> int:
@@ -176,7 +180,7 @@ def _dense_reads(cfg: ModelConfig, dtype_bytes: int, dense: str, group_size: int
         if name == "model.embed_tokens.weight":
             continue
         fmt = dense_format_of(cfg, name, spec, dense, group_size)
-        read = numel(spec) * (decode_traffic(fmt, dtype_bytes) + dtype_bytes) if fmt and decoded else \
+        read = numel(spec) * decoded_product_bytes(fmt, dtype_bytes) if fmt and decoded else \
             dense_tensor_bytes(cfg, name, spec, dtype_bytes, dense, group_size)
         if name.startswith("model.layers."):
             reads[int(name.split(".")[2])][int(".mlp." in name)] += read
@@ -278,6 +282,12 @@ def decode_traffic(fmt: str, dtype_bytes: int) -> int:
     (2 B), the output written; FP8: the code read, the output written, then read and written by the scale
     multiply; bf16: a copy."""
     return {"int4": 3 + dtype_bytes, "fp8": 1 + 3 * dtype_bytes, "bf16": 2 + dtype_bytes}[fmt]
+
+
+def decoded_product_bytes(fmt: str, dtype_bytes: int) -> int:
+    """Device memory traffic per weight of a product whose packed weight is dequantized first (DeviceDense):
+    the decode (decode_traffic), then the product's read of the compute-dtype weight."""
+    return decode_traffic(fmt, dtype_bytes) + dtype_bytes
 
 
 def device_decode_rate(fmt: str, dtype_bytes: int, hbm: float) -> float:

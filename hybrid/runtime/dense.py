@@ -101,12 +101,13 @@ class Widened(Decodable):
     """An FP8 weight on the CPU, widened to bf16 by the pool's threads (cpu_experts.fp8.to_bf16_rows)."""
 
     def __init__(self, m: PackedMatrix, pool: RowPool):
-        self.fmt, self.group_size, self.rows, self.cols = m.fmt, m.group_size, m.rows, m.cols
-        self.pool, self._head = pool, (m.codes(0), m.scales(0))
+        super().__init__(m, torch.device("cpu"))
+        self.pool = pool
 
     def weight(self, scratch: Scratch) -> torch.Tensor:
         w = scratch.take(self.rows * self.cols).view(self.rows, self.cols)
-        self.pool.run(fp8_kernels.to_bf16_rows, (*self._head, w.view(torch.int16).numpy().view(np.uint16)), self.rows)
+        bits = w.view(torch.int16).numpy().view(np.uint16)
+        self.pool.run(fp8_kernels.to_bf16_rows, (self.codes.numpy(), self.scales.numpy(), bits), self.rows)
         return w
 
 
