@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Test files with CUDA tests (each skips without CUDA); tests/test_gpu_check.py checks that every test file
+# Test files with CUDA tests (each skips without CUDA); tests/cli/test_gpu_check.py checks that every test file
 # asking for CUDA is listed. Only these are collected: other test files import packages the GPU machine lacks.
-CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/test_devices.py", "tests/test_expert_copy.py", "tests/test_hotset.py")
+CUDA_TEST_FILES = ("tests/runtime/test_cuda.py", "tests/runtime/test_devices.py", "tests/runtime/test_expert_copy.py", "tests/runtime/test_hotset.py")
 AGREE_REL = 1e-3            # float32 CUDA vs float32 CPU: max |delta| / max |logit| (summation order only)
 BUDGET_S = 8 * 60           # the whole check, on one GPU
 PROMPT_TOKENS = 512

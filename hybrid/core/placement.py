@@ -207,7 +207,7 @@ def dense_format_of(cfg: ModelConfig, name: str, spec: TensorSpec, dense: str, g
     """The format dense tensor `name` is kept in under the runtime's `dense` choice, as hybrid/runtime/dense.py
     keeps it on a CUDA device: None for a float tensor (dense="torch"; norms, the router, the embeddings), else
     "int4" | "fp8" | "bf16". The packed ones are quant.dense.DENSE_LINEARS: the tensors the release stores in
-    FP8 plus lm_head (tests/test_plan.py checks the two agree). auto: the checkpoint's own format (FP8 for
+    FP8 plus lm_head (tests/plan/test_plan.py checks the two agree). auto: the checkpoint's own format (FP8 for
     the release's FP8 tensors, bf16 for the rest); a shape int4 cannot hold falls back to bf16, an MLP as a
     whole (quant.dense.DenseReader)."""
     if dense == "torch" or not (spec.fp8 or name == "lm_head.weight"):

@@ -60,7 +60,7 @@ class SynthParams:
 DEFAULT_PARAMS = SynthParams()
 # Measured by `hybrid profile synth --config kimi-k2` (all 60 layers, DEFAULT_PARAMS, seed 0) and its report.
 # Only the first two were fitted; look-ahead and reuse follow from the chosen affinity and segment settings,
-# which no published K2 figure pins down. tests/test_synth.py re-measures the fitted two on 3 layers.
+# which no published K2 figure pins down. tests/profile/test_synth.py re-measures the fitted two on 3 layers.
 CALIBRATION = {"global_top10": 0.190, "request_top10": 0.453,      # targets 0.19 and 0.45
                "lookahead_L+1_precision": 0.289, "lookahead_L+2_precision": 0.237,   # frequency baseline 0.039
                "reuse_previous_token": 0.091, "reuse_median_tokens": 11}

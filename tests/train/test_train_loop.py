@@ -24,7 +24,7 @@ from train.optim import OptimConfig
 from train.recipes import RECIPES
 from train.step import Schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {k: v for k, v in RECIPES["tiny"].model.items()}
 SMALL.update({"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16,

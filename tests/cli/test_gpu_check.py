@@ -11,7 +11,7 @@ import torch
 
 from bench import gpu_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Installed here, absent on the GPU machine (it has CUDA torch, numba, llvmlite, safetensors, tiktoken, regex,
 # psutil, pytest and transformers with their dependencies).
 ABSENT_THERE = ("fastapi", "uvicorn", "gguf", "openai", "anthropic", "httpx", "jsonschema", "matplotlib",
@@ -25,9 +25,9 @@ def test_without_cuda_it_says_so_and_succeeds(monkeypatch, capsys):
 
 
 def test_every_test_file_that_asks_for_cuda_is_run_by_the_check():
-    asking = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
+    asking = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
               if "cuda.is_available()" in p.read_text() or "cuda.device_count()" in p.read_text()}
-    asking.discard("tests/test_gpu_check.py")
+    asking.discard("tests/cli/test_gpu_check.py")
     assert asking == set(gpu_check.CUDA_TEST_FILES)
     assert gpu_check.pytest_command("py")[:7] == ["py", "-m", "pytest", "-q", "-m", "", "-k"]
 

@@ -3,7 +3,7 @@ import pytest
 
 from hybrid.core.config import ModelConfig
 from hybrid.core.placement import PlanError, expert_host_bytes, kv_cache_bytes, parse_size, plan_placement
-from tests.test_config import K2
+from tests.core.test_config import K2
 
 GiB = 2**30
 

@@ -7,7 +7,7 @@ import torch
 import hybrid
 from hybrid.runtime import dense as rd
 
-from oracle import oracle_greedy, oracle_logits, oracle_model
+from tests.oracle import oracle_greedy, oracle_logits, oracle_model
 
 PROMPT = [5, 17, 300, 42, 7, 99, 1000, 3, 64, 12]
 

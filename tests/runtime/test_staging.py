@@ -1,5 +1,5 @@
 """The device<->host hand-off of the CPU experts (hybrid/runtime/staging.py): one packed copy each way, exact,
-with double-buffered results; on CUDA the same code runs with pinned buffers (tests/test_cuda.py covers the
+with double-buffered results; on CUDA the same code runs with pinned buffers (tests/runtime/test_cuda.py covers the
 engine there)."""
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import hybrid
 from quant.checkpoint import Checkpoint
 from tests.oracle import oracle_greedy, oracle_logits, oracle_model
-from tests.test_oracle import PROMPT
+from tests.runtime.test_oracle import PROMPT
 
 
 @pytest.mark.parametrize("kind", ["k2", "v3"])

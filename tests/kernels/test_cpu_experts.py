@@ -1,6 +1,6 @@
 """CPU MoE kernels vs the slow float64 reference (cpu_experts/reference.py), every format and path.
 
-Float-activation paths only (INT4's int8-activation path: tests/test_cpu_experts_int8.py). Each case
+Float-activation paths only (INT4's int8-activation path: tests/kernels/test_cpu_experts_int8.py). Each case
 runs with kernels="plain" (portable Numba) and "auto" (AVX-512 IR kernels for fp8/bf16 when the CPU
 has them; see CpuMoE.paths()).
 
