@@ -35,7 +35,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
 start=$(date +%s)
 TARGET_ARGS=()
-[ -n "${TARGET:-}" ] && TARGET_ARGS=(--target "$TARGET")
+[ -n "${TARGET:-}" ] && TARGET_ARGS=(--target "$TARGET" --no-deps)
 "$PY" -m pip install --no-binary llama-cpp-python --no-cache-dir "${TARGET_ARGS[@]}" "llama-cpp-python==${VERSION}"
 echo "built in $(( $(date +%s) - start )) s"
 [ -n "${TARGET:-}" ] && export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
