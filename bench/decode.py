@@ -77,13 +77,13 @@ def bench_ours(model: Path, fmt: str, dense: str, threads: int, dtype: str, prom
         for _ in range(repeats):
             eng.reset_stats()
             eng.generate(rng.integers(0, V, L).tolist(), 1, stop_ids=())
-            rates.append(eng.stats()["prefill_tokens_per_s"])
+            rates.append(eng.stats().prefill_tokens_per_s)
         res[f"prefill{L}"] = _median_spread(rates)
     rates = []
     for _ in range(repeats):
         eng.reset_stats()
         eng.generate(rng.integers(0, V, 16).tolist(), n_decode, stop_ids=())
-        rates.append(eng.stats()["decode_tokens_per_s"])
+        rates.append(eng.stats().decode_tokens_per_s)
     res["decode"] = _median_spread(rates)
     res["bytes_per_token"] = token_bytes(eng.cfg, fmt, dense, torch.empty(0, dtype=eng.dtype).element_size())
     res["dense"] = dense

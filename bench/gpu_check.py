@@ -110,7 +110,7 @@ def run_engine(model: Path, label: str, prompt_tokens: int, decode_tokens: int, 
     eng.generate(rng.integers(0, V, prompt_tokens).tolist(), decode_tokens, stop_ids=())
     s, hot = eng.stats(), eng.experts.stats().hot_set
     _close(eng)
-    return RunResult(label, load_s, s["prefill_tokens_per_s"], s["decode_tokens_per_s"],
+    return RunResult(label, load_s, s.prefill_tokens_per_s, s.decode_tokens_per_s,
                      hot.hit_rate if hot else 0.0, hot.loads if hot else 0, hot.copy_seconds if hot else 0.0)
 
 

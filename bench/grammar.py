@@ -65,8 +65,8 @@ def decode(model: Path, requests: int, tokens: int, rounds: int) -> dict:
                     for k in times[label]:
                         times[label][k] += getattr(mask.times, k)
                 s = eng.stats()
-                secs[label][0] += s["decode_seconds"]
-                secs[label][1] += s["decode_tokens"]
+                secs[label][0] += s.decode_seconds
+                secs[label][1] += s.decode_tokens
     for g in modes.values():
         g.close()
     return {"vocab": eng.cfg.vocab_size, **{k: t / max(1, n) for k, (t, n) in secs.items()}, "mask": times}

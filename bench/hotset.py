@@ -92,15 +92,15 @@ def run(model: Path, budget, policy: str, ps, new_tokens: int, threads: int, pla
     for p in ps:
         eng.generate(p, new_tokens, stop_ids=())
     s = eng.stats()
-    act = s["expert_activations"]
-    hot = s["expert_backend"]["hot_set"]           # None without a hot set
-    steps = s["decode_tokens"] - len(ps)          # forward steps: each request's first token comes from prefill
-    out = {"hit": act["hot_set"] / act["total"], "decode": s["decode_tokens_per_s"],
-           "decode_s_per_step": s["decode_seconds"] / max(1, steps), "prefill_s": s["prefill_seconds"] / len(ps),
-           "capacity": eng.plan.experts_per_layer, "loads": hot["loads"] if hot else 0,
-           "copied_gib": hot["bytes_copied"] / 2**30 if hot else 0.0,
-           "device_s": hot["device_seconds"] if hot else 0.0,
-           "lookahead": hot["lookahead_precision"][1] if hot else None}
+    act = s.expert_activations
+    hot = s.expert_backend.hot_set           # None without a hot set
+    steps = s.decode_tokens - len(ps)          # forward steps: each request's first token comes from prefill
+    out = {"hit": act.hot_set / act.total, "decode": s.decode_tokens_per_s,
+           "decode_s_per_step": s.decode_seconds / max(1, steps), "prefill_s": s.prefill_seconds / len(ps),
+           "capacity": eng.plan.experts_per_layer, "loads": hot.loads if hot else 0,
+           "copied_gib": hot.bytes_copied / 2**30 if hot else 0.0,
+           "device_s": hot.device_seconds if hot else 0.0,
+           "lookahead": hot.lookahead_precision[1] if hot else None}
     del eng
     gc.collect()
     return out

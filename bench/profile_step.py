@@ -118,7 +118,7 @@ def main(argv=None) -> None:
 def report(timers: Timers, eng, a, dense: str, limit: float) -> None:
     s, k = eng.stats(), eng.experts.stats().cpu
     steps = max(1, timers.calls["all layers"])
-    rate = s["decode_tokens_per_s"] if a.phase == "decode" else s["prefill_tokens_per_s"]
+    rate = s.decode_tokens_per_s if a.phase == "decode" else s.prefill_tokens_per_s
     print(f"# {a.experts} experts, dense {dense}, {a.threads} threads, {a.phase}: {rate:.2f} tok/s; "
           f"{steps} steps; load average {os.getloadavg()[0]:.2f}")
     cfg = eng.cfg

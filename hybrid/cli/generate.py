@@ -62,12 +62,12 @@ def cmd_generate(a) -> int:
     text_out = tok.decode(new, skip_special=True) if tok is not None else None
     s = eng.stats()
     if a.json:
-        print(json.dumps({"tokens": new, "text": text_out, "stats": s}))
+        print(json.dumps({"tokens": new, "text": text_out, "stats": s.to_dict()}))
     else:
         print(text_out if text_out is not None else ",".join(map(str, new)))
-    act = s["expert_activations"]
-    print(f"[hybrid] prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s, "
-          f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.1f} tok/s; "
-          f"routed experts ({s['experts']}): {act['cpu']} on CPU, {act['hot_set']} in the device hot set, "
-          f"{act['device']} on the device (reference); device={s['device']}", file=sys.stderr)
+    act = s.expert_activations
+    print(f"[hybrid] prefill {s.prefill_tokens} tok at {s.prefill_tokens_per_s:.1f} tok/s, "
+          f"decode {s.decode_tokens} tok at {s.decode_tokens_per_s:.1f} tok/s; "
+          f"routed experts ({s.experts}): {act.cpu} on CPU, {act.hot_set} in the device hot set, "
+          f"{act.device} on the device (reference); device={s.device}", file=sys.stderr)
     return 0

@@ -102,7 +102,7 @@ def measure_overheads(device: str, dtype: str, threads: int, fmt: str = "fp8", t
                 eng.reset_stats()
                 eng.generate([5, 6, 7, 8], tokens, stop_ids=())
                 s = eng.stats()
-                best = min(best, s["decode_seconds"] / max(1, s["decode_tokens"] - 1))
+                best = min(best, s.decode_seconds / max(1, s.decode_tokens - 1))
             t[key] = best
             del eng
     m = max(0.0, (t["C"] - t["B"]) / 4)

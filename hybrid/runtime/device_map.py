@@ -14,7 +14,7 @@ experts and their threads serve every device. The hidden state crosses to the ne
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -91,7 +91,7 @@ class KVPools:
 
 @dataclass(frozen=True)
 class DeviceStats:
-    """One device's part of a run (Engine.stats()["devices"])."""
+    """One device's part of a run (Engine.stats().devices)."""
     index: int
     device: str
     layers: tuple[int, ...]     # (first, last), () when it holds none
@@ -104,14 +104,14 @@ class DeviceStats:
     bytes_copied: int
 
 
-def device_stats(dmap: DeviceMap, kv: KVPools, stats: ExpertStats) -> list[dict]:
+def device_stats(dmap: DeviceMap, kv: KVPools, stats: ExpertStats) -> tuple[DeviceStats, ...]:
     """Per device of the map: its layers, KV bytes and hot-set counters (summed over its MoE layers)."""
     per_layer = stats.hot_set.per_layer if stats.hot_set is not None else {}
     out = []
     for s, pool in zip(dmap.spans, kv.pools):
         mine = [c for L, c in per_layer.items() if L in s.layers]
-        out.append(asdict(DeviceStats(
+        out.append(DeviceStats(
             s.index, str(s.device), (s.layers.start, s.layers.stop - 1) if len(s.layers) else (), s.embed, s.head,
             pool.nbytes, sum(c.hot_set for c in mine), sum(c.cpu for c in mine), sum(c.loads for c in mine),
-            sum(c.bytes_copied for c in mine))))
-    return out
+            sum(c.bytes_copied for c in mine)))
+    return tuple(out)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence as Seq
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.batch import build_batch
 from hybrid.runtime.blocks import BlockManager
 from hybrid.runtime.device_map import KVPools, device_stats
+from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
 from hybrid.runtime.experts import ExpertBackend
 from hybrid.runtime.model import K2Model
 from hybrid.runtime.moe import RouteListeners, RouteObserver
@@ -242,25 +243,19 @@ class Engine:
             ids.update(self.tokenizer.stop_ids)
         return tuple(sorted(ids))
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Tokens and seconds per phase, tokens/s, routed-expert activations by tier, the backend's counters,
-        the scheduler's and the prefix cache's, and per device of the map its layers, KV bytes and hot-set hits."""
-        t = self.times
-        backend = self.experts.stats()
-        served = backend.served
-        return {**asdict(t),
-                "prefill_tokens_per_s": _rate(t.prefill_tokens, t.prefill_seconds),
-                "decode_tokens_per_s": _rate(t.decode_tokens, t.decode_seconds),
-                "expert_activations": {"hot_set": served.hot_set, "cpu": served.cpu, "device": served.device,
-                                       "total": served.total},
-                "experts": self.info.experts, "dense": self.info.dense, "device": self.info.plan.device,
-                "expert_backend": asdict(backend),
-                "scheduler": {**asdict(self.scheduler.stats), "running": len(self.scheduler.running),
-                              "waiting": len(self.scheduler.waiting)},
-                "kv_blocks": {"total": self.blocks.n_blocks, "in_use": self.blocks.in_use,
-                              "cached": len(self.blocks.idle), "block_size": self.blocks.block_size},
-                "prefix_cache": asdict(self.blocks.stats),
-                "devices": device_stats(self.model.devices, self.kv, backend)}
+        the scheduler's and the prefix cache's, and per device of the map its layers, KV bytes and hot-set hits
+        (EngineStats; .to_dict() for JSON)."""
+        t, backend, sched = self.times, self.experts.stats(), self.scheduler
+        return EngineStats(
+            **asdict(t), prefill_tokens_per_s=_rate(t.prefill_tokens, t.prefill_seconds),
+            decode_tokens_per_s=_rate(t.decode_tokens, t.decode_seconds),
+            expert_activations=ExpertActivations.of(backend.served), experts=self.info.experts,
+            dense=self.info.dense, device=self.info.plan.device, expert_backend=backend,
+            scheduler=SchedulerState(**asdict(sched.stats), running=len(sched.running), waiting=len(sched.waiting)),
+            kv_blocks=KVBlocks(self.blocks.n_blocks, self.blocks.in_use, len(self.blocks.idle), self.blocks.block_size),
+            prefix_cache=replace(self.blocks.stats), devices=device_stats(self.model.devices, self.kv, backend))
 
     def add_route_listener(self, fn: RouteObserver) -> Callable[[], None]:
         """Call fn(layer, topk_ids [T, k], topk_weights [T, k], phase) for every MoE layer's routing, where

@@ -58,8 +58,7 @@ def _metric(lines: list, name: str, kind: str, help_: str, samples) -> None:
 def prometheus_text(worker, counter: RequestCounter) -> str:
     s, c = worker.engine_stats, worker.counts
     running, waiting = worker.depth()
-    act = s.get("expert_activations") or {}
-    total = act.get("total", 0)
+    act = s.expert_activations
     lines: list[str] = []
     with counter._lock:
         reqs = sorted(counter.counts.items())
@@ -72,22 +71,21 @@ def prometheus_text(worker, counter: RequestCounter) -> str:
     _metric(lines, "completion_tokens_total", "counter", "Tokens generated.", [({}, c["completion_tokens"])])
     _metric(lines, "queue_running", "gauge", "Generations in the engine's running batch.", [({}, running)])
     _metric(lines, "queue_waiting", "gauge", "Requests waiting for a place in the batch.", [({}, waiting)])
-    kv, pc = s["kv_blocks"], s["prefix_cache"]
-    _metric(lines, "kv_blocks_total", "gauge", "Blocks of the paged KV cache.", [({}, kv["total"])])
+    kv, pc = s.kv_blocks, s.prefix_cache
+    _metric(lines, "kv_blocks_total", "gauge", "Blocks of the paged KV cache.", [({}, kv.total)])
     _metric(lines, "kv_blocks_in_use", "gauge", "KV blocks held by requests (cached-only ones excluded).",
-            [({}, kv["in_use"])])
+            [({}, kv.in_use)])
     _metric(lines, "kv_blocks_cached", "gauge", "KV blocks nobody uses that keep a cached prefix.",
-            [({}, kv["cached"])])
+            [({}, kv.cached)])
     _metric(lines, "prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
-            [({}, pc["query_tokens"])])
+            [({}, pc.query_tokens)])
     _metric(lines, "prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
-            [({}, pc["hit_tokens"])])
+            [({}, pc.hit_tokens)])
     _metric(lines, "tokens_per_second", "gauge", "Engine throughput since start, by phase.",
-            [({"phase": "prefill"}, float(s.get("prefill_tokens_per_s", 0.0))),
-             ({"phase": "decode"}, float(s.get("decode_tokens_per_s", 0.0)))])
+            [({"phase": "prefill"}, s.prefill_tokens_per_s), ({"phase": "decode"}, s.decode_tokens_per_s)])
     _metric(lines, "expert_activations_total", "counter", "Routed-expert activations by where they ran.",
-            [({"tier": t}, act.get(t, 0)) for t in ("hot_set", "cpu", "device")])
+            [({"tier": t}, getattr(act, t)) for t in ("hot_set", "cpu", "device")])
     _metric(lines, "expert_hot_set_hit_rate", "gauge",
             "Share of routed-expert activations served from the device hot set.",
-            [({}, act.get("hot_set", 0) / total if total else 0.0)])
+            [({}, act.share("hot_set"))])
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.sampler import LogitsProcessor, TokenSample
+from hybrid.runtime.stats import EngineStats
 from hybrid.serve.streaming import StopMatcher, ToolCallStream
 from hybrid.text.chat import parse_tool_calls
 
@@ -163,7 +164,7 @@ class Worker:
             raise ValueError(f"max_queue must be an int >= 0 (waiting requests), got {max_queue!r}")
         self.engine, self.max_queue = engine, max_queue
         self.counts = collections.Counter()      # finished, cancelled, failed, prompt/completion tokens
-        self.engine_stats: dict = engine.stats()  # refreshed by the worker thread after jobs end
+        self.engine_stats: EngineStats = engine.stats()  # refreshed by the worker thread after jobs end
         self._inbox: collections.deque[Job] = collections.deque()    # submitted, not yet given to the engine
         self._active: dict[Job, object] = {}                          # given to the engine: job -> its handle
         self._cond = threading.Condition()

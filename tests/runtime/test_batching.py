@@ -39,7 +39,7 @@ def test_a_batch_of_8_equals_each_request_alone(tiny_models, kind, weights):
         alone.append((eng.generate(p, 10, stop_ids=(), processors=(rec,)), rec.logits))
     recs = [Recorder() for _ in PROMPTS]
     together = eng.generate_many([Request(p, 10, stop_ids=(), processors=(r,)) for p, r in zip(PROMPTS, recs)])
-    assert eng.stats()["scheduler"]["admitted"] >= 8
+    assert eng.stats().scheduler.admitted >= 8
     for (tokens, logits), got, rec in zip(alone, together, recs):
         assert got == tokens
         assert max((a - b).abs().max().item() for a, b in zip(logits, rec.logits)) < 1e-4
@@ -55,8 +55,8 @@ def test_prefix_reuse_gives_the_logits_of_a_cold_prefill(tiny_models):
     r_warm, r_cold = Recorder(), Recorder()
     assert warm.generate(turn2, 6, stop_ids=(), processors=(r_warm,)) == \
         cold.generate(turn2, 6, stop_ids=(), processors=(r_cold,))
-    pc = warm.stats()["prefix_cache"]
-    assert pc["hit_tokens"] == 36 and cold.stats()["prefix_cache"]["hit_tokens"] == 0
+    pc = warm.stats().prefix_cache
+    assert pc.hit_tokens == 36 and cold.stats().prefix_cache.hit_tokens == 0
     assert max((a - b).abs().max().item() for a, b in zip(r_warm.logits, r_cold.logits)) < 1e-4
 
 

@@ -17,7 +17,7 @@ def test_fp8_dense_on_the_kernels_matches_the_oracle(tiny_models, kind, tmp_path
     model = tiny_models(kind, "fp8")
     # the defaults: experts and dense layers in the checkpoint's own formats (FP8, lm_head bf16) on the kernels
     eng = hybrid.load(model, device="cpu")
-    assert eng.info.dense == "auto" and eng.stats()["dense"] == "auto" and eng.info.experts == "fp8"
+    assert eng.info.dense == "auto" and eng.stats().dense == "auto" and eng.info.experts == "fp8"
     assert isinstance(eng.model.model.layers[0].self_attn.kv_a_proj_with_mqa, rd.CpuLinear)
     oracle = oracle_model(model, tmp_path / "oracle")        # the same bytes, dequantized to float32
     assert (eng.forward(PROMPT) - oracle_logits(oracle, PROMPT)).abs().max().item() < 1e-4

@@ -54,17 +54,17 @@ def test_map_of_logical_devices_gives_the_logits_of_one_device(tiny_models, kind
         eng.reset_stats()
     assert one.generate(PROMPT, 8, stop_ids=()) == many.generate(PROMPT, 8, stop_ids=())
 
-    devs = many.stats()["devices"]
-    assert [x["layers"] for x in devs] == [(L, L) for L in range(n)]
-    assert devs[0]["embed"] and devs[-1]["head"] and not any(x["head"] for x in devs[:-1])
-    assert [x["kv_bytes"] for x in devs] == [8 * 32 * cfg.kv_cache_dim * 4] * n     # 8 blocks of 32 rows, fp32
-    assert sum(x["kv_bytes"] for x in devs) == one.stats()["devices"][0]["kv_bytes"] == one.kv.nbytes
-    hot = one.stats()["expert_backend"]["hot_set"]["per_layer"]
+    devs = many.stats().devices
+    assert [x.layers for x in devs] == [(L, L) for L in range(n)]
+    assert devs[0].embed and devs[-1].head and not any(x.head for x in devs[:-1])
+    assert [x.kv_bytes for x in devs] == [8 * 32 * cfg.kv_cache_dim * 4] * n     # 8 blocks of 32 rows, fp32
+    assert sum(x.kv_bytes for x in devs) == one.stats().devices[0].kv_bytes == one.kv.nbytes
+    hot = one.stats().expert_backend.hot_set.per_layer
     for x in devs:                                                  # each device: its own layers' hot set
-        (L, _), moe = x["layers"], x["layers"][0] in cfg.moe_layers
-        assert x["hot_set_hits"] == (hot[L]["hot_set"] if moe else 0)
-        assert x["hot_set_loads"] == (hot[L]["loads"] if moe else 0)
-    assert sum(x["hot_set_hits"] for x in devs) == one.stats()["expert_activations"]["hot_set"] > 0
+        (L, _), moe = x.layers, x.layers[0] in cfg.moe_layers
+        assert x.hot_set_hits == (hot[L].hot_set if moe else 0)
+        assert x.hot_set_loads == (hot[L].loads if moe else 0)
+    assert sum(x.hot_set_hits for x in devs) == one.stats().expert_activations.hot_set > 0
     # each device with MoE layers has its own copier (and, packed, its own decode buffer)
     assert len(many.experts.copiers) == len(cfg.moe_layers) and len(one.experts.copiers) == 1
 
@@ -150,7 +150,7 @@ def test_hybrid_plan_prints_the_placement_hybrid_load_performs(tiny_models, caps
     last["dense_bytes"] -= row
     last["free_bytes"] += row
     assert placed == planned["gpus"]
-    assert len(eng.stats()["devices"]) == len(placed)
+    assert len(eng.stats().devices) == len(placed)
     lines = eng.plan.describe().splitlines()
     assert [x.split(": ", 1)[1] for x in lines[1:1 + len(placed)]] == \
         [s.describe(sum(L in eng.cfg.moe_layers for L in s.layers), eng.plan.experts_per_layer).split(": ", 1)[1]
@@ -216,4 +216,4 @@ def test_cuda_two_gpus_give_the_logits_of_one(tiny_models, hot_set_format):
     assert [p.kv.device for p in two.kv.pools] == [torch.device("cuda:0"), torch.device("cuda:1")]
     assert (one.forward(PROMPT) - two.forward(PROMPT)).abs().max().item() < 1e-5
     assert one.generate(PROMPT, 8, stop_ids=()) == two.generate(PROMPT, 8, stop_ids=())
-    assert sum(x["hot_set_hits"] for x in two.stats()["devices"]) == one.stats()["expert_activations"]["hot_set"]
+    assert sum(x.hot_set_hits for x in two.stats().devices) == one.stats().expert_activations.hot_set

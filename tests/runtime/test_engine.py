@@ -1,4 +1,5 @@
 """The engine's generation contract on the tiny model: stop ids end a generation, bad ids and contexts are refused."""
+import json
 import pytest
 
 import hybrid
@@ -19,3 +20,17 @@ def test_bad_ids_and_context(tiny_models):
         eng.generate([], 3)
     with pytest.raises(ValueError, match="exceeds the context of 8192"):
         eng.generate([1] * 8190, 5)
+
+
+def test_stats_is_a_typed_record_whose_json_keeps_the_documented_keys(tiny_models):
+    from hybrid.runtime.stats import EngineStats
+    eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", prefetch="off")
+    eng.generate([1, 2, 3], 3, stop_ids=())
+    s = eng.stats()
+    assert isinstance(s, EngineStats) and s.decode_tokens == 2 and s.prefill_tokens == 3
+    assert s.expert_activations.total == s.expert_activations.cpu > 0 and s.expert_activations.share("cpu") == 1.0
+    d = json.loads(json.dumps(s.to_dict()))
+    assert {"prefill_tokens", "decode_tokens_per_s", "expert_activations", "experts", "dense", "device",
+            "expert_backend", "scheduler", "kv_blocks", "prefix_cache", "devices"} <= set(d)
+    assert d["expert_activations"]["cpu"] == s.expert_activations.cpu and d["scheduler"]["finished"] == 1
+    assert d["devices"][0]["kv_bytes"] == eng.kv.nbytes

@@ -26,7 +26,7 @@ def test_exact_formats_match_the_oracle(tiny_models, tmp_path, kind, weights):
     oracle = oracle_model(d, tmp_path / "oracle")
     assert (eng.forward(PROMPT) - oracle_logits(oracle, PROMPT)).abs().max().item() < 1e-4
     assert eng.generate(PROMPT, 16, stop_ids=()) == oracle_greedy(oracle, PROMPT, 16)
-    assert eng.stats()["expert_activations"]["cpu"] > 0
+    assert eng.stats().expert_activations.cpu > 0
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,6 @@ def test_int4_int8_activations_stay_close(int4_oracle):
 
 def test_threads_and_bad_activation_option(tiny_models):
     eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", threads=1)
-    assert eng.stats()["expert_backend"]["cpu"]["threads"] == 1
+    assert eng.stats().expert_backend.cpu.threads == 1
     with pytest.raises(ValueError, match="activations"):
         hybrid.load(tiny_models("k2", "fp8"), device="cpu", activations="int2")

@@ -118,10 +118,17 @@ class FakeEngine:
         return self.tokenizer.stop_ids
 
     def stats(self):
-        return {"prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0,
-                "expert_activations": {"hot_set": 3, "cpu": 1, "device": 0, "total": 4},
-                "kv_blocks": {"total": 8, "in_use": sum(h.status == "running" for h in self._queue), "cached": 0},
-                "prefix_cache": {"query_tokens": 0, "hit_tokens": 0}}
+        from hybrid.runtime.blocks import PrefixStats
+        from hybrid.runtime.experts import ExpertStats, Served
+        from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
+        served = Served(hot_set=3, cpu=1)
+        return EngineStats(
+            prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, generated_tokens=0, steps=0,
+            prefill_tokens_per_s=10.0, decode_tokens_per_s=5.0, expert_activations=ExpertActivations.of(served),
+            experts="fp8", dense="auto", device="cpu", expert_backend=ExpertStats("hybrid", served),
+            scheduler=SchedulerState(0, 0, 0, 0, 0, 0),
+            kv_blocks=KVBlocks(8, sum(h.status == "running" for h in self._queue), 0, 32),
+            prefix_cache=PrefixStats(), devices=())
 
     def submit(self, request):
         self.samplings.append(request.sampling)
