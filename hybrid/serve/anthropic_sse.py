@@ -18,6 +18,8 @@ import json
 from hybrid.serve.anthropic import anthropic_id, stop_reason
 from hybrid.serve.listen import Listen, engine_error, shutdown_error
 from hybrid.serve.sse import closing
+from hybrid.serve.streaming import CallStart, Content, Piece
+from hybrid.serve.worker import Delta, End, Failed, Gone
 
 
 def event(kind: str, data: dict) -> str:
@@ -42,17 +44,16 @@ class _Blocks:
         self.open_kind = None
         return [event("content_block_stop", {"index": self.index})]
 
-    def delta(self, ev: tuple) -> list[str]:
-        if ev[0] == "content":
+    def delta(self, p: Piece) -> list[str]:
+        if isinstance(p, Content):
             out = [] if self.open_kind == "text" else self.start("text", {"type": "text", "text": ""})
             return out + [event("content_block_delta", {"index": self.index,
-                                                        "delta": {"type": "text_delta", "text": ev[1]}})]
-        if ev[0] == "call":
-            _, _, call_id, name = ev
-            return self.start("tool_use", {"type": "tool_use", "id": anthropic_id(call_id), "name": name,
+                                                        "delta": {"type": "text_delta", "text": p.text}})]
+        if isinstance(p, CallStart):
+            return self.start("tool_use", {"type": "tool_use", "id": anthropic_id(p.id), "name": p.name,
                                            "input": {}})
         return [event("content_block_delta", {"index": self.index,
-                                              "delta": {"type": "input_json_delta", "partial_json": ev[2]}})]
+                                              "delta": {"type": "input_json_delta", "partial_json": p.text}})]
 
 
 async def message_events(listen: Listen, meta: dict, prompt_tokens: int):
@@ -62,22 +63,22 @@ async def message_events(listen: Listen, meta: dict, prompt_tokens: int):
                                                   "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
         blocks = _Blocks()
         while True:
-            ev = await listen.get()
-            if ev.kind == "delta":
-                for e in ev.payload:
-                    for text in blocks.delta(e):
+            ev = (await listen.get()).event
+            if isinstance(ev, Delta):
+                for p in ev.pieces:
+                    for text in blocks.delta(p):
                         yield text
-            elif ev.kind == "end":
+            elif isinstance(ev, End):
                 for text in blocks.stop():
                     yield text
-                reason, sequence = stop_reason(ev.payload)
+                reason, sequence = stop_reason(ev.result)
                 yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                              "usage": {"output_tokens": ev.payload.completion_tokens}})
+                                              "usage": {"output_tokens": ev.result.completion_tokens}})
                 yield event("message_stop", {})
                 return
             else:                     # gone: nobody listens; error / shutdown: Anthropic's error event
-                if ev.kind != "gone":
-                    err = engine_error(ev.payload) if ev.kind == "error" else shutdown_error()
+                if not isinstance(ev, Gone):
+                    err = engine_error(ev.error) if isinstance(ev, Failed) else shutdown_error()
                     yield event("error", {"error": err.anthropic_body()["error"]})
                 return
 

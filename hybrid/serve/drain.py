@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hybrid.serve.worker import Worker
+from hybrid.serve.worker import Shutdown, Worker
 
 
 def cut_time(grace_s: float) -> float:
@@ -33,10 +33,10 @@ class Drain:
 
     def _begin(self, grace_s: float) -> None:
         for job in self.worker.stop_accepting():
-            job.events.put_nowait(("shutdown", None))
+            job.events.put_nowait(Shutdown())
         self.loop.call_later(cut_time(grace_s), self._cut)
 
     def _cut(self) -> None:
         for job in self.worker.in_flight():
             self.worker.cancel(job)
-            job.events.put_nowait(("shutdown", None))
+            job.events.put_nowait(Shutdown())

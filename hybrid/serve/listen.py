@@ -6,18 +6,15 @@ import asyncio
 from dataclasses import dataclass
 
 from hybrid.serve.errors import ApiError
-from hybrid.serve.worker import Job, Result, Worker
+from hybrid.serve.worker import TERMINAL, End, Failed, Gone, Job, JobEvent, Result, Shutdown, Worker
 
-TERMINAL = ("end", "error", "gone", "shutdown")
 SHUTDOWN_MESSAGE = "the server is shutting down; this response was cut off. Retry on another server or later."
 
 
 @dataclass(frozen=True)
 class Event:
     index: int                    # the choice (0 when n == 1)
-    kind: str                     # delta | end | error | gone | shutdown (worker.py)
-    payload: object = None        # delta: [ToolCallStream events]; end: Result; error: the exception
-    samples: tuple = ()           # delta: the TokenSamples of its tokens (logprobs)
+    event: JobEvent               # what its job sent (worker.py), or Gone() when the client left
 
 
 def engine_error(e: Exception) -> ApiError:
@@ -39,9 +36,9 @@ class Listen:
 
     async def _forward(self, job: Job) -> None:
         while True:
-            kind, payload, *samples = await job.events.get()
-            self.queue.put_nowait(Event(job.index, kind, payload, tuple(samples[0]) if samples else ()))
-            if kind in TERMINAL:
+            ev = await job.events.get()
+            self.queue.put_nowait(Event(job.index, ev))
+            if isinstance(ev, TERMINAL):
                 return
 
     async def _disconnect(self, request) -> None:
@@ -49,7 +46,7 @@ class Listen:
             pass
         for job in self.jobs:
             self._worker.cancel(job)
-        self.queue.put_nowait(Event(0, "gone"))      # wakes whoever waits for this request's events
+        self.queue.put_nowait(Event(0, Gone()))      # wakes whoever waits for this request's events
 
     async def get(self) -> Event:
         return await self.queue.get()
@@ -59,14 +56,15 @@ class Listen:
         done: dict[int, Result] = {}
         while len(done) < len(self.jobs):
             ev = await self.get()
-            if ev.kind == "end":
-                done[ev.index] = ev.payload
-            elif ev.kind == "error":
-                raise engine_error(ev.payload)
-            elif ev.kind == "shutdown":
-                raise shutdown_error()
-            elif ev.kind == "gone":          # nobody will read the answer; 499 as nginx logs it
-                raise ApiError(499, "the client closed the request", None, "client_closed")
+            match ev.event:
+                case End(result):
+                    done[ev.index] = result
+                case Failed(error):
+                    raise engine_error(error)
+                case Shutdown():
+                    raise shutdown_error()
+                case Gone():                 # nobody will read the answer; 499 as nginx logs it
+                    raise ApiError(499, "the client closed the request", None, "client_closed")
         return [done[i] for i in range(len(self.jobs))]
 
     def close(self) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 
 from hybrid.serve.listen import Listen, engine_error, shutdown_error
+from hybrid.serve.streaming import CallStart, Content, Piece
+from hybrid.serve.worker import Delta, End, Failed, JobEvent, Shutdown
 from hybrid.serve.logprobs import chat_logprobs, completion_logprobs
 
 DONE = "data: [DONE]\n\n"
@@ -48,22 +50,20 @@ def text_body(meta: dict, results, tok, logprobs: bool) -> dict:
     return {**meta, "choices": choices, "usage": usage(results)}
 
 
-def _chat_delta(ev: tuple) -> dict:
-    if ev[0] == "content":
-        return {"content": ev[1]}
-    if ev[0] == "call":
-        _, index, call_id, name = ev
-        return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                                "function": {"name": name, "arguments": ""}}]}
-    _, index, text = ev
-    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
+def _chat_delta(p: Piece) -> dict:
+    if isinstance(p, Content):
+        return {"content": p.text}
+    if isinstance(p, CallStart):
+        return {"tool_calls": [{"index": p.index, "id": p.id, "type": "function",
+                                "function": {"name": p.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": p.index, "function": {"arguments": p.text}}]}
 
 
-def _failure(ev) -> str | None:
-    """The error event that ends a stream, or None when the event does not end it badly."""
-    if ev.kind == "error":
-        return sse(engine_error(ev.payload).body())
-    if ev.kind == "shutdown":
+def _failure(ev: JobEvent) -> str | None:
+    """The error event that ends a stream, or None when the event does not end it badly (Gone)."""
+    if isinstance(ev, Failed):
+        return sse(engine_error(ev.error).body())
+    if isinstance(ev, Shutdown):
         return sse(shutdown_error().body())
     return None
 
@@ -81,15 +81,16 @@ async def chat_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logp
             yield chunk(i, {"role": "assistant", "content": ""})
         results = {}
         while len(results) < len(listen.jobs):
-            ev = await listen.get()
-            if ev.kind == "delta":
-                for k, e in enumerate(ev.payload):
-                    yield chunk(ev.index, _chat_delta(e), samples=ev.samples if k == 0 else ())
-                if not ev.payload and ev.samples:       # tokens without text (specials, cut by a stop)
-                    yield chunk(ev.index, {}, samples=ev.samples)
-            elif ev.kind == "end":
-                results[ev.index] = ev.payload
-                yield chunk(ev.index, {}, ev.payload.finish_reason)
+            got = await listen.get()
+            i, ev = got.index, got.event
+            if isinstance(ev, Delta):
+                for k, p in enumerate(ev.pieces):
+                    yield chunk(i, _chat_delta(p), samples=ev.samples if k == 0 else ())
+                if not ev.pieces and ev.samples:        # tokens without text (specials, cut by a stop)
+                    yield chunk(i, {}, samples=ev.samples)
+            elif isinstance(ev, End):
+                results[i] = ev.result
+                yield chunk(i, {}, ev.result.finish_reason)
             else:                    # gone: nothing more to send; error / shutdown: say so
                 if (failure := _failure(ev)) is not None:
                     yield failure
@@ -113,14 +114,15 @@ async def text_chunks(listen: Listen, meta: dict, include_usage: bool, tok, logp
     async def body():
         results = {}
         while len(results) < len(listen.jobs):
-            ev = await listen.get()
-            if ev.kind == "delta":
-                text = "".join(e[1] for e in ev.payload)
+            got = await listen.get()
+            i, ev = got.index, got.event
+            if isinstance(ev, Delta):
+                text = "".join(p.text for p in ev.pieces if isinstance(p, Content))
                 if text or ev.samples:
-                    yield chunk(ev.index, text, samples=ev.samples)
-            elif ev.kind == "end":
-                results[ev.index] = ev.payload
-                yield chunk(ev.index, "", ev.payload.finish_reason)
+                    yield chunk(i, text, samples=ev.samples)
+            elif isinstance(ev, End):
+                results[i] = ev.result
+                yield chunk(i, "", ev.result.finish_reason)
             else:
                 if (failure := _failure(ev)) is not None:
                     yield failure

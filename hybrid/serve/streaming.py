@@ -5,16 +5,44 @@ position. Both classes are push-based: push(piece) returns what may be sent now;
 
     generated ids -> StreamDecoder (complete UTF-8 only) -> StopMatcher -> ToolCallStream -> events
 
-Events of ToolCallStream:
-    ("content", text)                  text before the tool-call section
-    ("call", index, id, name)          a call's header, sent as soon as its id is complete
-    ("args", index, text)              a chunk of that call's arguments (concatenated by the client)
+Pieces of ToolCallStream (Piece):
+    Content(text)                      text before the tool-call section
+    CallStart(index, id, name)         a call's header, sent as soon as its id is complete
+    CallArgs(index, text)              a chunk of that call's arguments (concatenated by the client)
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Union
 
 from hybrid.text.chat import ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
+
+
+
+@dataclass(frozen=True)
+class Content:
+    """Answer text before the tool-call section."""
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """A tool call's header: its index in the answer, its K2 id and the function name."""
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArgs:
+    """A chunk of call `index`'s arguments (the client concatenates them)."""
+    index: int
+    text: str
+
+
+Piece = Union[Content, CallStart, CallArgs]
+
 
 # Same rule as chat.parse_tool_calls: optional "functions." prefix, optional ":IDX" suffix; everything
 # between is the name, so "functions.get-weather.v2:0" -> "get-weather.v2".
@@ -98,16 +126,16 @@ class ToolCallStream:
         self.completed: list[int] = []      # indices of calls whose end marker was seen
         self._state, self._buf, self._args_started = _CONTENT, "", False
 
-    def push(self, piece: str) -> list[tuple]:
+    def push(self, piece: str) -> list[Piece]:
         self._buf += piece
-        events: list[tuple] = []
+        events: list[Piece] = []
         while self._step(events):
             pass
         return events
 
-    def finish(self) -> list[tuple]:
+    def finish(self) -> list[Piece]:
         """End of output: content held back (a possible marker start) is sent; a partial call is not."""
-        events = [("content", self._buf)] if self._state == _CONTENT and self._buf else []
+        events = [Content(self._buf)] if self._state == _CONTENT and self._buf else []
         self._buf, self._state = "", _DONE
         return events
 
@@ -118,7 +146,7 @@ class ToolCallStream:
             starts = [i for i in (buf.find(SECTION_BEGIN), buf.find(CALL_BEGIN)) if i >= 0]
             cut = min(starts) if starts else len(buf) - _partial_suffix(buf, (SECTION_BEGIN, CALL_BEGIN))
             if cut:
-                events.append(("content", buf[:cut]))
+                events.append(Content(buf[:cut]))
             self._buf = buf[cut:]
             if not starts:
                 return False
@@ -145,7 +173,7 @@ class ToolCallStream:
                 if name is None:         # parse_tool_calls drops a call without an id
                     self._buf, self._state = rest, _BETWEEN
                     return True
-                events.append(("call", self.calls, buf[:i].strip(), name))
+                events.append(CallStart(self.calls, buf[:i].strip(), name))
                 self.calls += 1
                 self._buf, self._state, self._args_started = rest[len(ARG_BEGIN):], _ARGS, False
                 return True
@@ -183,5 +211,5 @@ class ToolCallStream:
 
     def _emit_args(self, text: str, events: list) -> None:
         if text:
-            events.append(("args", self.calls - 1, text))
+            events.append(CallArgs(self.calls - 1, text))
             self._args_started = True

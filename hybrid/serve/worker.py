@@ -13,13 +13,13 @@ the engine gets it in one place, Worker._admit.
 
 Per-token text work (UTF-8 assembly, stop strings, tool-call parsing) runs on the worker thread inside
 on_sample, so a stop string ends generation on the very token that completes it. Its results travel to
-the asyncio loop that submitted the job through an asyncio.Queue (call_soon_threadsafe), as events:
-    ("delta", [ToolCallStream events], [TokenSample])   text that may be sent now, and the samples of the
-                                                         tokens since the last delta (logprobs asked for)
-    ("end", Result)                        the job finished (not sent for a cancelled job)
-    ("error", exception)                   the engine refused or failed the job
-    ("gone", None)                         put by the server itself when the client disconnected
-    ("shutdown", None)                     put by the server itself when it stops before the job ends
+the asyncio loop that submitted the job through an asyncio.Queue (call_soon_threadsafe), as JobEvents:
+    Delta(pieces, samples)   text that may be sent now (streaming.Piece), and the samples of the tokens since
+                             the last delta (logprobs asked for)
+    End(result)              the job finished (not sent for a cancelled job)
+    Failed(error)            the engine refused or failed the job
+    Gone()                   put by the server itself when the client disconnected
+    Shutdown()               put by the server itself when it stops before the job ends
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ import collections
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Union
 
 from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.sampler import LogitsProcessor, TokenSample
 from hybrid.runtime.stats import EngineStats
-from hybrid.serve.streaming import StopMatcher, ToolCallStream
+from hybrid.serve.streaming import Content, Piece, StopMatcher, ToolCallStream
 from hybrid.text.chat import parse_tool_calls
 
 # Every Job ever made, while alive: tests check that finished requests leave nothing behind.
@@ -56,6 +57,36 @@ class Result:
     cached_tokens: int = 0                                    # prompt tokens served by the prefix cache
 
 
+@dataclass(frozen=True)
+class Delta:
+    pieces: tuple[Piece, ...]
+    samples: tuple[TokenSample, ...] = ()
+
+
+@dataclass(frozen=True)
+class End:
+    result: Result
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Gone:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+JobEvent = Union[Delta, End, Failed, Gone, Shutdown]
+TERMINAL = (End, Failed, Gone, Shutdown)       # a job sends nothing after one of these
+
+
 class _Output:
     """Generated ids -> events: UTF-8 assembly, then stop strings, then (chat with tools) tool calls."""
 
@@ -65,19 +96,19 @@ class _Output:
         self.tools = ToolCallStream() if parse_tools else None
         self.pieces: list[str] = []
 
-    def push(self, token: int) -> list[tuple]:
+    def push(self, token: int) -> list[Piece]:
         return self._route(self.stopper.push(self.decoder.push(token)))
 
-    def finish(self) -> list[tuple]:
+    def finish(self) -> list[Piece]:
         tail = "" if self.stopper.stopped else self.stopper.push(self.decoder.flush())
         events = self._route(tail + self.stopper.finish())
         return events + (self.tools.finish() if self.tools else [])
 
-    def _route(self, text: str) -> list[tuple]:
+    def _route(self, text: str) -> list[Piece]:
         if not text:
             return []
         self.pieces.append(text)
-        return self.tools.push(text) if self.tools else [("content", text)]
+        return self.tools.push(text) if self.tools else [Content(text)]
 
 
 class Job:
@@ -112,7 +143,7 @@ class Job:
             self._pending.append(s)
         events = self._out.push(s.token)
         if events:
-            self._post(("delta", events, self._take_samples()))
+            self._post(Delta(tuple(events), tuple(self._take_samples())))
         return not (self._out.stopper.stopped or self.cancelled.is_set())
 
     def _take_samples(self) -> list[TokenSample]:
@@ -123,7 +154,7 @@ class Job:
     def finish(self, out: list[int], cached_tokens: int = 0) -> None:
         events, samples = self._out.finish(), self._take_samples()
         if events or samples:         # samples of tokens without text of their own (specials) go out too
-            self._post(("delta", events, samples))
+            self._post(Delta(tuple(events), tuple(samples)))
         text = "".join(self._out.pieces)
         content, calls = parse_tool_calls(text) if self.parse_tools else (text, [])
         if self._out.stopper.stopped or (out and out[-1] in self.stop_ids):
@@ -132,13 +163,13 @@ class Job:
             reason = "length" if len(out) >= self.max_new_tokens else "stop"
         if calls:
             reason = "tool_calls"     # as vLLM: a parsed call wins, so the client runs it
-        self._post(("end", Result(reason, len(self.ids), len(out), text, content, calls,
-                                  self._out.stopper.matched, self._delivered, cached_tokens)))
+        self._post(End(Result(reason, len(self.ids), len(out), text, content, calls,
+                              self._out.stopper.matched, self._delivered, cached_tokens)))
 
     def fail(self, exc: Exception) -> None:
-        self._post(("error", exc))
+        self._post(Failed(exc))
 
-    def _post(self, event) -> None:
+    def _post(self, event: JobEvent) -> None:
         if self.cancelled.is_set():
             return
         try:

@@ -28,7 +28,7 @@ from hybrid.text.chat import (ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SE
 from hybrid.cli.serve import add_serve_parser
 from hybrid.serve.app import create_app
 from hybrid.serve.api import ApiError, parse_chat, parse_completion
-from hybrid.serve.streaming import StopMatcher, ToolCallStream
+from hybrid.serve.streaming import CallArgs, CallStart, Content, StopMatcher, ToolCallStream
 from hybrid.serve.worker import LIVE_JOBS
 from hybrid.runtime.sampler import TokenSample
 from hybrid.text.tokenizer import Tokenizer
@@ -245,13 +245,13 @@ def feed_tools(text, cuts):
         events += s.push(text[prev:c])
         prev = c
     events += s.finish()
-    content = "".join(e[1] for e in events if e[0] == "content")
+    content = "".join(e.text for e in events if isinstance(e, Content))
     calls = {}
     for e in events:
-        if e[0] == "call":
-            calls[e[1]] = {"id": e[2], "type": "function", "function": {"name": e[3], "arguments": ""}}
-        elif e[0] == "args":
-            calls[e[1]]["function"]["arguments"] += e[2]
+        if isinstance(e, CallStart):
+            calls[e.index] = {"id": e.id, "type": "function", "function": {"name": e.name, "arguments": ""}}
+        elif isinstance(e, CallArgs):
+            calls[e.index]["function"]["arguments"] += e.text
     return content, [calls[i] for i in s.completed], events
 
 
@@ -279,8 +279,8 @@ def test_tool_call_stream_sends_name_before_arguments_end():
     head = TOOL_OUTPUT[:TOOL_OUTPUT.index('"unit"')]
     s = ToolCallStream()
     events = s.push(head)
-    assert ("call", 0, "functions.get-weather.v2:0", "get-weather.v2") in events
-    assert events[-1] == ("args", 0, '{"city": "Paris",')      # the trailing space waits for what follows
+    assert CallStart(0, "functions.get-weather.v2:0", "get-weather.v2") in events
+    assert events[-1] == CallArgs(0, '{"city": "Paris",')      # the trailing space waits for what follows
     assert s.completed == []
 
 
