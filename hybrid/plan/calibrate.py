@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.plan.calibrate_device import measure_device, measure_join, measure_modules
+from hybrid.plan.calibration import Calibration, CalibrationError
 from quant.formats import FORMAT_NAMES
 
 GIB = 1 << 30
@@ -149,8 +150,8 @@ def calibrate(out: str | Path | None = None, *, device: str = "auto", dtype: str
     return path
 
 
-def load_calibration(path: str | Path | None = None) -> dict:
-    """The stored calibration; a clear error when there is none or it is not one."""
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    """The stored calibration as a typed record; a clear error when there is none or it is not one."""
     p = Path(path) if path else default_path()
     if not p.is_file():
         raise FileNotFoundError(f"no calibration at {p}; run `hybrid plan --calibrate` on this machine first "
@@ -158,12 +159,8 @@ def load_calibration(path: str | Path | None = None) -> dict:
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not a calibration file ({e}); run `hybrid plan --calibrate` again") from None
-    missing = [k for k in ("cpu_side", "device_side", "overheads") if k not in data]
-    if data.get("version") != 1 or missing:
-        raise ValueError(f"{p} is not a version-1 calibration (missing {missing or 'version'}); "
-                         f"run `hybrid plan --calibrate` again")
-    return data
+        raise CalibrationError(f"{p} is not a calibration file ({e}); run `hybrid plan --calibrate` again") from None
+    return Calibration.parse(data, str(p))
 
 
 def _decode_seconds(store, rounds: int = 5) -> float:

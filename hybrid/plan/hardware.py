@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from hybrid.plan.calibration import Calibration
 from hybrid.plan.perf import Rates, device_decode_rate
 from hybrid.core.placement import PlanError, parse_size
 from quant.formats import FORMAT_NAMES
@@ -202,20 +203,20 @@ def parse_rate(text: str | float) -> float:
     return float(m.group(1)) * mult
 
 
-def from_calibration(cal: dict) -> dict:
+def from_calibration(cal: Calibration) -> dict:
     """The CPU-side efficiencies and fixed costs a calibration measured, as Machine fields (formats it did
     not measure keep the development machine's figures)."""
-    f, o = cal["cpu_side"]["formats"], cal["overheads"]
+    f, o = cal.formats, cal.overheads
 
     def pick(key: str, dev_key: str, scale: float = 1.0) -> dict:
-        return {fmt: f[fmt][key] * scale if fmt in f else v for fmt, v in DEV_CALIBRATION[dev_key].items()}
+        return {fmt: getattr(f[fmt], key) * scale if fmt in f else v for fmt, v in DEV_CALIBRATION[dev_key].items()}
     return {"kernel_efficiency": pick("kernel_efficiency", "kernel_efficiency"),
             "cpu_flops_per_core": pick("prefill_gflops_per_thread", "cpu_flops_per_core", 1e9),
-            "stage": cal["device_side"].get("memcpy_gbs", cal["device_side"]["copy_gbs"]) * GB,
-            "token_s": o["token_s"], "dense_layer_s": o["dense_layer_s"], "moe_layer_s": o["moe_layer_s"]}
+            "stage": cal.device.stage_gbs * GB,
+            "token_s": o.token_s, "dense_layer_s": o.dense_layer_s, "moe_layer_s": o.moe_layer_s}
 
 
-def local_machine(cal: dict, cfg=None, fmt: str | None = None, dense: str = "auto") -> Machine:
+def local_machine(cal: Calibration, cfg=None, fmt: str | None = None, dense: str = "auto") -> Machine:
     """This machine as its calibration measured it. With a CUDA device the GPU is that device as measured;
     on the CPU stand-in the "GPU" is torch on the same cores. With `cfg`, the device rates of its attention,
     shared-expert and dense layers come from the calibration's timings of modules of that shape, if any;
@@ -223,48 +224,46 @@ def local_machine(cal: dict, cfg=None, fmt: str | None = None, dense: str = "aut
     CPU stand-in packed dense linears run on the CPU kernels, so their rate is the kernels' measured decode
     rate for that format (the module timings are of torch float modules)."""
     from hybrid.plan.calibrate_device import modules_key
-    dv = cal["device_side"]
-    cuda = dv["device"].startswith("cuda")
-    measured = sorted(cal["cpu_side"]["formats"])
+    dv = cal.device
+    cuda = dv.cuda
+    measured = sorted(cal.formats)
     if fmt is not None and fmt not in measured:
         raise ValueError(f"the calibration measured the {', '.join(measured)} kernels, not {fmt}: run "
                          f"`hybrid plan --calibrate` again (it measures all three) or plan with --format {measured[0]}")
-    link = (dv.get("h2d_gbs") or dv["copy_gbs"]) if cuda else dv["copy_gbs"]   # stand-in: the float copy it makes
-    gpu = GpuSpec(f"{dv['device']} ({dv['dtype']}, measured)", int(dv.get("memory_bytes") or cal["ram_bytes"]),
-                  dv["matvec_gbs"] * GB, dv["matmul_gflops"] * 1e9, link * GB,
-                  "hybrid plan --calibrate " + cal["created"])
-    threads = int(cal["threads"])
+    gpu = GpuSpec(f"{dv.device} ({dv.dtype}, measured)", dv.memory_bytes or cal.ram_bytes,
+                  dv.matvec_gbs * GB, dv.matmul_gflops * 1e9, dv.link_gbs * GB,   # stand-in: the float copy it makes
+                  "hybrid plan --calibrate " + cal.created)
+    threads = cal.threads
     fields = from_calibration(cal)
     if not cuda:      # the stand-in copies the packed bytes (a memcpy) and decodes them with Numba on the same
-        f = cal["cpu_side"]["formats"]       # cores: at load (bf16 hot set) or at each use (packed hot set)
-        rates = {k: f[k]["dequantize_params_per_s"] for k in measured}
+        # cores: at load (bf16 hot set) or at each use (packed hot set)
+        rates = {k: cal.formats[k].dequantize_params_per_s for k in measured}
         fields.update(stage=math.inf, packed_copies=True, dequantize=rates, decode=rates, dense_decoded=False)
-    notes = [f"measured on {cal['cpu']} ({threads} threads), {cal['created']}",
-             "device side = torch on " + dv["device"] + ("" if cuda else " standing in for the GPU: it shares "
+    notes = [f"measured on {cal.cpu} ({threads} threads), {cal.created}",
+             "device side = torch on " + dv.device + ("" if cuda else " standing in for the GPU: it shares "
                                                           "cores and memory with the CPU experts")]
-    mod = cal.get("modules", {}).get(modules_key(cfg, dv["dtype"])) if cfg is not None else None
+    mod = cal.modules.get(modules_key(cfg, dv.dtype)) if cfg is not None else None
     kernels = None if cuda or cfg is None else _dense_kernel_format(cfg, dense)
     if kernels:
-        rate = cal["cpu_side"]["read_gbs"] * fields["kernel_efficiency"][kernels] * GB
+        rate = cal.read_gbs * fields["kernel_efficiency"][kernels] * GB
         fields.update(attn_rate=rate, ffn_rate=rate, dense_rate=rate)
         notes.append(f"dense linears ({kernels}) run on the CPU kernels at their measured {kernels} decode rate, "
                      f"{rate / GB:.1f} GB/s (--dense {dense})")
     elif mod:
-        fields.update(attn_rate=mod["attn_gbs"] * GB, ffn_rate=mod["shared_gbs"] * GB,
-                      dense_rate=mod.get("dense_gbs", dv["matvec_gbs"]) * GB)
+        fields.update(attn_rate=mod.attn_gbs * GB, ffn_rate=mod.shared_gbs * GB,
+                      dense_rate=(mod.dense_gbs if mod.dense_gbs is not None else dv.matvec_gbs) * GB)
         notes.append(f"device rates of this model's layers measured on modules of its shape: attention "
-                     f"{mod['attn_gbs']:.1f}, shared expert {mod['shared_gbs']:.1f} GB/s")
+                     f"{mod.attn_gbs:.1f}, shared expert {mod.shared_gbs:.1f} GB/s")
     elif cfg is not None:
-        notes.append(f"layers of this shape were not timed: device rates = matrix-vector {dv['matvec_gbs']:.1f} GB/s "
+        notes.append(f"layers of this shape were not timed: device rates = matrix-vector {dv.matvec_gbs:.1f} GB/s "
                      f"(run `hybrid plan --calibrate --config MODEL` to time them)")
-    join = cal.get("join", {})
-    serial = float(join.get("serial", 0.0 if cuda else 1.0))
+    serial = cal.serial if cal.serial is not None else 0.0 if cuda else 1.0
     notes.append(f"device and CPU-expert work overlap with serial fraction {serial:.2f}"
-                 + (" (measured)" if join else " (not measured)"))
-    return Machine(gpu=gpu, n_gpus=1, ram=int(cal["ram_bytes"]), dram_bandwidth=cal["cpu_side"]["read_gbs"] * GB,
+                 + (" (measured)" if cal.serial is not None else " (not measured)"))
+    return Machine(gpu=gpu, n_gpus=1, ram=cal.ram_bytes, dram_bandwidth=cal.read_gbs * GB,
                    sockets=1, cores=threads, dram_efficiency=1.0, numa_efficiency=1.0, hbm_efficiency=1.0,
                    mfu=1.0, overlap=cuda, serial=serial,
-                   dtype_bytes=int(dv["dtype_bytes"]), gpu_reserve=0, host_reserve=0, notes=tuple(notes), **fields)
+                   dtype_bytes=dv.dtype_bytes, gpu_reserve=0, host_reserve=0, notes=tuple(notes), **fields)
 
 
 def _dense_kernel_format(cfg, dense: str) -> str | None:

@@ -365,29 +365,29 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
     path = calibrate(tmp_path / "cal.json", device="cpu", threads=1, pool_gib=0.02, formats=("fp8",),
                      device_gib=0.05, configs=[cfg], join_shape=(512, 256), log=lambda s: None)
     cal = load_calibration(path)
-    fp8 = cal["cpu_side"]["formats"]["fp8"]
-    assert 0 < fp8["kernel_efficiency"] and fp8["decode_gbs"] > 0 and fp8["dequantize_params_per_s"] > 0
-    assert cal["device_side"]["matvec_gbs"] > 0 and cal["overheads"]["moe_layer_s"] >= 0
-    assert 0 <= cal["join"]["serial"] <= 1
-    (mod,) = cal["modules"].values()
-    assert mod["attn_s"] > 0 and mod["shared_s"] > 0 and mod["dense_s"] > 0
+    fp8 = cal.formats["fp8"]
+    assert 0 < fp8.kernel_efficiency and fp8.decode_gbs > 0 and fp8.dequantize_params_per_s > 0
+    assert cal.device.matvec_gbs > 0 and cal.overheads.moe_layer_s >= 0
+    assert 0 <= cal.serial <= 1
+    (mod,) = cal.modules.values()
+    assert mod.attn_gbs > 0 and mod.shared_gbs > 0 and mod.dense_gbs > 0
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format", "fp8",
                  "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--hot-set-format", "packed", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
     # the stand-in copies the packed bytes and decodes them with the Numba decoder that was timed
     assert out["hot_set_format"] == "packed" and out["machine"]["packed_copies"] is True
-    assert out["machine"]["decode"]["fp8"] == out["machine"]["dequantize"]["fp8"] == fp8["dequantize_params_per_s"]
+    assert out["machine"]["decode"]["fp8"] == out["machine"]["dequantize"]["fp8"] == fp8.dequantize_params_per_s
     # the dense linears run packed on the CPU kernels (--dense auto): at the kernels' rate for their format
     kernels = out["machine"]["kernel_efficiency"]["fp8" if cfg.is_fp8_checkpoint else "bf16"]
     assert out["machine"]["dense_decoded"] is False
     assert out["machine"]["attn_rate"] == out["machine"]["dense_rate"] == pytest.approx(
-        cal["cpu_side"]["read_gbs"] * 1e9 * kernels)
-    assert cal["device_side"]["memcpy_gbs"] > 0 and cal["device_side"]["h2d_gbs"] is None
+        cal.read_gbs * 1e9 * kernels)
+    assert cal.device.memcpy_gbs > 0 and cal.device.h2d_gbs is None
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format",
                  "int4"]) == 2
     assert "measured the fp8 kernels, not int4" in capsys.readouterr().err
-    assert out["machine"]["kernel_efficiency"]["fp8"] == pytest.approx(fp8["kernel_efficiency"])
+    assert out["machine"]["kernel_efficiency"]["fp8"] == pytest.approx(fp8.kernel_efficiency)
 
 
 def test_load_calibration_errors(tmp_path):
@@ -400,3 +400,26 @@ def test_load_calibration_errors(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"version": 0}))
     with pytest.raises(ValueError, match="version-1 calibration"):
         load_calibration(tmp_path / "old.json")
+
+
+def test_a_calibration_of_an_earlier_release_loads_and_a_broken_one_names_its_field(tmp_path):
+    """Files written before memcpy/h2d, join and modules were measured still load (optional fields); a
+    mistyped field is refused with the file, the field's path and the fix."""
+    from hybrid.plan.calibrate import load_calibration
+    from hybrid.plan.calibration import CalibrationError
+    fmt = {"decode_gbs": 20.0, "kernel_efficiency": 0.9, "prefill_gflops_per_thread": 100.0,
+           "dequantize_params_per_s": 1e9, "path": "avx512"}
+    old = {"version": 1, "created": "2026-11-01T00:00:00Z", "cpu": "x", "threads": 2, "ram_bytes": 2**34,
+           "cpu_side": {"read_gbs": 25.0, "formats": {"fp8": fmt}},
+           "device_side": {"device": "cpu", "dtype": "float32", "dtype_bytes": 4, "memory_bytes": None,
+                           "matvec_gbs": 20.0, "matmul_gflops": 500.0, "copy_gbs": 5.0},
+           "overheads": {"token_s": 1e-4, "dense_layer_s": 2e-4, "moe_layer_s": 5e-4}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cal = load_calibration(tmp_path / "old.json")
+    assert cal.serial is None and cal.modules == {} and cal.device.stage_gbs == 5.0 and cal.device.link_gbs == 5.0
+    assert cal.formats["fp8"].kernel_efficiency == 0.9 and cal.overheads.moe_layer_s == 5e-4
+    old["device_side"]["matvec_gbs"] = "fast"
+    (tmp_path / "bad.json").write_text(json.dumps(old))
+    with pytest.raises(CalibrationError, match=r"bad.json: device_side.matvec_gbs is missing or not a number; "
+                                               r"run `hybrid plan --calibrate` again"):
+        load_calibration(tmp_path / "bad.json")
