@@ -53,7 +53,7 @@ def cmd_inspect(a) -> int:
                       store_layer_bytes=layers, host_expert_bytes={m["expert_format"]: sum(layers.values())})
     elif cfg:
         shape = model_shape(cfg, str(a.dir))
-        H, I, n = shape["H"], shape["I"], shape["E"] * len(shape["moe_layers"])
+        H, I, n = shape.hidden, shape.inter, shape.n_experts * len(shape.moe_layers)
         report["routed_expert_bytes_as_stored"] = expert_bytes
         report["host_expert_bytes"] = {f: n * sum(bytes_per_matrix(f, r, c) for r, c in ((I, H), (I, H), (H, I)))
                                        for f in FORMAT_NAMES}

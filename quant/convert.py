@@ -29,7 +29,7 @@ import torch
 
 from . import compressed
 from .checkpoint import INDEX_NAME, SCALE_SUFFIX, Checkpoint
-from .dense import CHECKPOINT, convert_tensors, dense_kind, mlp_prefix
+from .dense import CHECKPOINT, MlaDims, convert_tensors, dense_kind, mlp_prefix
 from .errors import CheckpointError
 from .formats import FORMAT_NAMES
 from .int4 import GROUP_SIZES
@@ -63,18 +63,30 @@ def read_config_dict(model_dir: Path, error=ValueError) -> dict:
     return raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
 
 
-def model_shape(cfg: dict, where: str) -> dict:
-    """The few config.json fields the store needs."""
+@dataclass(frozen=True)
+class ModelShape:
+    """The few config.json fields the store needs: hidden size, expert width, experts per layer, the MoE
+    layers, the checkpoint's quantization_config (compressed-tensors INT4 or None) and the MLA dims (None when
+    the config lacks them)."""
+    hidden: int
+    inter: int
+    n_experts: int
+    moe_layers: tuple[int, ...]
+    quantization_config: dict | None = None
+    mla: MlaDims | None = None
+
+
+def model_shape(cfg: dict, where: str) -> ModelShape:
+    """The ModelShape of a config.json's fields; ConvertError naming `where` when one it needs is missing."""
     need = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_hidden_layers", "first_k_dense_replace")
     missing = [k for k in need if not isinstance(cfg.get(k), int)]
     if missing:
         raise ConvertError(f"{where}: config.json lacks integer fields {missing}; copy it unchanged from the checkpoint")
     freq = cfg.get("moe_layer_freq", 1)
     moe = [L for L in range(cfg["num_hidden_layers"]) if L >= cfg["first_k_dense_replace"] and L % freq == 0]
-    mla = {k: cfg.get(f) for k, f in (("heads", "num_attention_heads"), ("dn", "qk_nope_head_dim"), ("dv", "v_head_dim"))}
-    return {"H": cfg["hidden_size"], "I": cfg["moe_intermediate_size"], "E": cfg["n_routed_experts"],
-            "moe_layers": moe, "quantization_config": cfg.get("quantization_config"),
-            "mla": mla if all(isinstance(v, int) for v in mla.values()) else None}
+    mla = [cfg.get(f) for f in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim")]
+    return ModelShape(cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["n_routed_experts"], tuple(moe),
+                      cfg.get("quantization_config"), MlaDims(*mla) if all(isinstance(v, int) for v in mla) else None)
 
 
 def expert_prefix(layer: int, e: int, m: str) -> str:
@@ -108,7 +120,7 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
     if src.resolve() == out.resolve():
         raise ConvertError("--output must differ from --input: the input is never modified")
     shape = model_shape(read_config_dict(src, ConvertError), str(src / "config.json"))
-    spec = StoreSpec(fmt, shape["H"], shape["I"], group_size)
+    spec = StoreSpec(fmt, shape.hidden, shape.inter, group_size)
     with Checkpoint.open(src) as ck:                # validates every shard header before any writing
         try:
             return _convert(ck, src, out, spec, shape, threads, quiet, dense)
@@ -119,7 +131,7 @@ def convert(input_dir, output_dir, fmt: str, group_size: int = 32, threads: int 
             raise _no_space(out, _bytes_left(ck, shape, spec, state), during=True) from None
 
 
-def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict, threads: int, quiet: bool,
+def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: ModelShape, threads: int, quiet: bool,
              dense: str | None) -> Path:
     source = expert_source(ck, shape)
     params = {"format": STORE_FORMAT, "version": STORE_VERSION, "expert_format": spec.fmt,
@@ -128,22 +140,23 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
     if dense == "int4":
         params["dense_group_size"] = spec.group_size
     state = _prepare_output(out, params)
-    dense = [n for n in ck.names if not is_expert_tensor(n)]
-    todo_layers = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
+    dense_names = [n for n in ck.names if not is_expert_tensor(n)]
+    todo_layers = [L for L in shape.moe_layers if layer_file(L) not in state["done"]]
     need = _bytes_left(ck, shape, spec, state)
     if need * 1.02 > shutil.disk_usage(out).free:
         raise _no_space(out, need)
-    progress = _Progress(quiet, len(shape["moe_layers"]), len(shape["moe_layers"]) - len(todo_layers))
+    progress = _Progress(quiet, len(shape.moe_layers), len(shape.moe_layers) - len(todo_layers))
     _copy_side_files(src, out)
     if not state.get("dense"):
-        _write_dense(ck, dense, out, state, DenseSpec(params["dense_format"], spec.group_size, shape["mla"]), progress)
-        progress.note(f"dense tensors: {len(dense)} written ({params['dense_format']})")
+        _write_dense(ck, dense_names, out, state, DenseSpec(params["dense_format"], spec.group_size, shape.mla),
+                     progress)
+        progress.note(f"dense tensors: {len(dense_names)} written ({params['dense_format']})")
     (out / "experts").mkdir(exist_ok=True)
 
     def one(layer):
         t0 = time.perf_counter()
-        LayerStore.build_file(out / layer_file(layer), spec, shape["E"], lambda e: source.expert(layer, e))
-        return layer, time.perf_counter() - t0, sum(source.nbytes(layer, e) for e in range(shape["E"]))
+        LayerStore.build_file(out / layer_file(layer), spec, shape.n_experts, lambda e: source.expert(layer, e))
+        return layer, time.perf_counter() - t0, sum(source.nbytes(layer, e) for e in range(shape.n_experts))
 
     peak = PeakAnonMemory()
     with peak, ThreadPoolExecutor(threads) as pool:
@@ -156,24 +169,24 @@ def _convert(ck: Checkpoint, src: Path, out: Path, spec: StoreSpec, shape: dict,
         state["source_shards"] = {p.name: _sha256(p) for p in sorted(src.glob("*.safetensors"))}
         _write_json(out / JOURNAL, state)
     manifest = {**{k: v for k, v in params.items() if k != "source_files"}, "tool_version": TOOL_VERSION,
-                "moe_layers": shape["moe_layers"], "n_experts": shape["E"], "hidden": shape["H"],
-                "inter": shape["I"], "source_shards": state["source_shards"],
+                "moe_layers": list(shape.moe_layers), "n_experts": shape.n_experts, "hidden": shape.hidden,
+                "inter": shape.inter, "source_shards": state["source_shards"],
                 "dense_fallbacks": state.get("dense_fallbacks", {}), "files": dict(sorted(state["done"].items()))}
     _write_json(out / MANIFEST, manifest)        # last: only now is the folder a store
     (out / JOURNAL).unlink()
-    progress.note(f"done: {out} ({spec.fmt}, {len(shape['moe_layers'])} MoE layers); peak memory of the layer "
+    progress.note(f"done: {out} ({spec.fmt}, {len(shape.moe_layers)} MoE layers); peak memory of the layer "
                   f"conversion {peak.peak / 2**20:.0f} MiB anonymous (the memory-mapped input and output pages "
                   f"are file-backed and not counted: the kernel drops them under pressure)")
     return out
 
 
-def _bytes_left(ck: Checkpoint, shape: dict, spec: StoreSpec, state: dict) -> int:
+def _bytes_left(ck: Checkpoint, shape: ModelShape, spec: StoreSpec, state: dict) -> int:
     """Bytes the conversion still has to write: the MoE layers the journal does not list, and the dense
     tensors unless their pass is done."""
     stride = make_layout(spec.fmt, spec.hidden, spec.inter, spec.group_size).stride
-    todo = [L for L in shape["moe_layers"] if layer_file(L) not in state["done"]]
-    dense = 0 if state.get("dense") else _dense_bytes(ck, [n for n in ck.names if not is_expert_tensor(n)])
-    return len(todo) * shape["E"] * stride + dense
+    todo = [L for L in shape.moe_layers if layer_file(L) not in state["done"]]
+    dense_bytes = 0 if state.get("dense") else _dense_bytes(ck, [n for n in ck.names if not is_expert_tensor(n)])
+    return len(todo) * shape.n_experts * stride + dense_bytes
 
 
 def _no_space(out: Path, need: int, during: bool = False) -> ConvertError:
@@ -197,9 +210,9 @@ class ExpertSource:
     as released, K2-Thinking INT4 as Int4Weights, anything else as float32. Used by the converter and by
     hybrid.load's in-memory conversion."""
 
-    def __init__(self, ck: Checkpoint, shape: dict, kind: str, group_size: int = 32):
+    def __init__(self, ck: Checkpoint, shape: ModelShape, kind: str, group_size: int = 32):
         self.ck, self.shape, self.kind, self.group = ck, shape, kind, group_size
-        H, I = shape["H"], shape["I"]
+        H, I = shape.hidden, shape.inter
         self.shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
 
     def expert(self, layer: int, e: int) -> dict:
@@ -222,18 +235,18 @@ class ExpertSource:
         return sum(self.ck.nbytes(expert_prefix(layer, e, m) + s) for m in self.shapes for s in suffixes)
 
 
-def expert_source(ck: Checkpoint, shape: dict) -> ExpertSource:
+def expert_source(ck: Checkpoint, shape: ModelShape) -> ExpertSource:
     """The source of `shape`'s routed experts in ck (checks they are all there for an unquantized/FP8 one)."""
-    qc = shape["quantization_config"]
+    qc = shape.quantization_config
     if compressed.is_compressed(qc):
         return ExpertSource(ck, shape, "compressed-tensors-int4", compressed.group_size_of(qc))
-    for L in shape["moe_layers"]:
-        for e in range(shape["E"]):
+    for L in shape.moe_layers:
+        for e in range(shape.n_experts):
             for m in ("gate", "up", "down"):
                 if expert_prefix(L, e, m) + ".weight" not in ck:
                     raise CheckpointError(f"tensor {expert_prefix(L, e, m) + '.weight'!r} is missing; the "
                                           f"checkpoint does not match its config.json", file=ck.model_dir)
-    first = expert_prefix(shape["moe_layers"][0], 0, "gate") + ".weight" if shape["moe_layers"] else None
+    first = expert_prefix(shape.moe_layers[0], 0, "gate") + ".weight" if shape.moe_layers else None
     return ExpertSource(ck, shape, "block-fp8" if first and ck.is_fp8(first) else "bf16")
 
 
@@ -279,7 +292,7 @@ def _prepare_output(out: Path, params: dict) -> dict:
 class DenseSpec:
     fmt: str                  # a format name, or CHECKPOINT: keep the checkpoint's tensors as they are
     group_size: int           # int4
-    mla: dict | None          # {"heads", "dn", "dv"}: kv_b's per-head halves (quant/dense.py)
+    mla: MlaDims | None       # kv_b's per-head halves (quant/dense.py)
 
 
 def _write_dense(ck: Checkpoint, names: list[str], out: Path, state: dict, spec: DenseSpec, progress) -> None:

@@ -21,6 +21,8 @@ int4 that needs groups along the other dimension, so an int4 store also holds it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -235,10 +237,18 @@ def mlp_prefix(name: str) -> str | None:
     return name.rsplit(".", 2)[0] if kind and kind.endswith(("gate_proj", "up_proj", "down_proj")) else None
 
 
-def convert_tensors(ck: Checkpoint, name: str, fmt: str, group_size: int, mla: dict | None = None):
+@dataclass(frozen=True)
+class MlaDims:
+    """What splitting kv_b_proj into MLA's per-head halves needs: heads, the no-RoPE key width, the value width."""
+    heads: int
+    dn: int
+    dv: int
+
+
+def convert_tensors(ck: Checkpoint, name: str, fmt: str, group_size: int, mla: MlaDims | None = None):
     """The stored tensors for dense linear `name` in `fmt`, for a converted store, and the fallback reason (or
     None). An MLP's weight brings all three of its weights, in one format (DenseReader.mlp); kv_b in int4
-    brings its "uk_t" part too (mla: {"heads", "dn", "dv"} of the model). Large weights are quantized
+    brings its "uk_t" part too (mla: the model's MlaDims). Large weights are quantized
     QUANTIZE_ROWS rows at a time."""
     reader = DenseReader(ck, fmt, group_size=group_size)
     prefix = mlp_prefix(name)
@@ -249,7 +259,7 @@ def convert_tensors(ck: Checkpoint, name: str, fmt: str, group_size: int, mla: d
     m = reader.linear(name)
     out = to_tensors(m, _module(name))
     if fmt == "int4" and m.fmt == "int4" and dense_kind(name) == "self_attn.kv_b_proj" and mla:
-        uk_t = reader.mla_kv_b(name, mla["heads"], mla["dn"], mla["dv"])[0]
+        uk_t = reader.mla_kv_b(name, mla.heads, mla.dn, mla.dv)[0]
         flat = PackedMatrix.from_arrays("int4", np.concatenate([uk_t.codes(g) for g in range(uk_t.groups)]),
                                         np.concatenate([uk_t.scales(g) for g in range(uk_t.groups)]), group_size)
         out += to_tensors(flat, _module(name), "uk_t")

@@ -73,8 +73,8 @@ def _numeric(store: Path, m: dict, src: Path, samples: int) -> dict:
             for e in picks:
                 for mat, got in zip(("gate", "up", "down"), ls.dequantize(e)):
                     prefix = expert_prefix(L, e, mat)
-                    if compressed.is_compressed(shape["quantization_config"]):
-                        w4 = compressed.read_int4(ck, prefix, got.shape, compressed.group_size_of(shape["quantization_config"]))
+                    if compressed.is_compressed(shape.quantization_config):
+                        w4 = compressed.read_int4(ck, prefix, got.shape, compressed.group_size_of(shape.quantization_config))
                         ref = dequantize_groups(w4.q, w4.scales, w4.group_size)
                     else:
                         ref = ck.get(prefix + ".weight", dtype=torch.float32).numpy()

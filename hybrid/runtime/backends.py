@@ -43,11 +43,11 @@ def build_torch_experts(cfg: ModelConfig, ckpt, devices: DeviceMap, dt: torch.dt
 def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
     """One in-memory LayerStore per MoE layer, converted from the checkpoint the way `hybrid-quant convert`
     converts it (FP8 -> fp8 keeps the released bytes)."""
-    from quant.convert import expert_source
+    from quant.convert import ModelShape, expert_source
     from quant.store import LayerStore, StoreSpec
     spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
-    source = expert_source(ckpt, {"H": cfg.hidden_size, "I": cfg.moe_intermediate_size, "E": cfg.n_routed_experts,
-                                  "moe_layers": cfg.moe_layers, "quantization_config": cfg.quantization_config})
+    source = expert_source(ckpt, ModelShape(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts,
+                                            tuple(cfg.moe_layers), cfg.quantization_config))
     return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source.expert(L, e))
             for layer in cfg.moe_layers}
 
