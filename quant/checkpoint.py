@@ -5,7 +5,12 @@ A folder holds either `model.safetensors.index.json` + shards, or one `model.saf
 a truncated 1 TB download must fail in a second with the shard's name, not an hour into loading.
 Tensor data is then read one tensor at a time through `safetensors.safe_open` (memory-mapped).
 
-Block FP8 (K2-REFERENCE.md §3.2): an F8_E4M3 weight [out, in] has a float sibling
+The K2.5 line (K2.5, K2.6, K2.7) wraps the text model: its tensors are stored as `language_model.model.*` and
+`language_model.lm_head.*` beside a vision tower (`vision_tower.*`, `mm_projector.*`). A Checkpoint of such
+a folder shows the text tensors under their K2 names (`model.*`, `lm_head.*`: everything downstream reads one
+layout) and keeps the vision tensors apart in `vision_names`, so a text-only run never reads them.
+
+Block FP8 (docs/formats.md): an F8_E4M3 weight [out, in] has a float sibling
 `<name>_scale_inv` [ceil(out/128), ceil(in/128)]; W = e4m3(Q) * S[i // 128, j // 128] (multiply).
 """
 from __future__ import annotations
@@ -36,10 +41,34 @@ REDOWNLOAD = "re-download this shard"
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives and what its header says; no data."""
+    """Where one tensor lives and what its header says; no data. `stored` is its name in the file when that
+    differs from the name the Checkpoint shows (K2.5's `language_model.` prefix)."""
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    stored: str | None = None
+
+
+TEXT_PREFIX = "language_model."                     # K2.5 line: the text model's tensors
+VISION_PREFIXES = ("vision_tower.", "mm_projector.")  # K2.5 line: the vision tower and its projector
+
+
+def split_multimodal(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """(text, vision): a K2.5-layout folder's tensors with `language_model.` taken off the text names (each
+    remembering its stored name) and the vision tower's apart; any other folder's tensors as they are."""
+    if not any(n.startswith(TEXT_PREFIX) for n in infos):
+        return infos, {}
+    text, vision = {}, {}
+    for name, info in infos.items():
+        if name.startswith(TEXT_PREFIX):
+            text[name[len(TEXT_PREFIX):]] = TensorInfo(info.file, info.dtype, info.shape, name)
+        elif name.startswith(VISION_PREFIXES):
+            vision[name] = info
+        else:
+            raise CheckpointError(f"tensor '{name}' is neither under '{TEXT_PREFIX}' nor in the vision tower "
+                                  f"({', '.join(VISION_PREFIXES)}) of this K2.5-layout folder", file=info.file,
+                                  tensor=name, fix="the folder mixes two layouts; re-download the checkpoint")
+    return text, vision
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:
@@ -222,9 +251,12 @@ class Checkpoint:
         ...                  expect_shape=(576, 7168))
     """
 
-    def __init__(self, model_dir: Path, infos: dict[str, TensorInfo], metadata: dict[str, dict[str, str]]):
+    def __init__(self, model_dir: Path, infos: dict[str, TensorInfo], metadata: dict[str, dict[str, str]],
+                 vision: dict[str, TensorInfo] | None = None):
         self.model_dir = model_dir
         self._infos = infos
+        self._vision = vision or {}
+        self.vision_names = sorted(self._vision)     # K2.5 line: the vision tower's tensors (never read here)
         self._metadata = metadata            # shard path -> its header's __metadata__
         self._handles: dict[Path, object] = {}
         self._closed = False
@@ -250,8 +282,9 @@ class Checkpoint:
                 f"holds neither {INDEX_NAME} nor {SINGLE_NAME}" + (f" (but has {found})" if found else ""),
                 file=folder, fix=f"download {INDEX_NAME} too" if found else
                 "pass a Hugging Face model folder with safetensors weights")
-        _check_fp8(infos)
-        return cls(folder, infos, metadata)
+        text, vision = split_multimodal(infos)
+        _check_fp8(text)
+        return cls(folder, text, metadata, vision)
 
     def _info(self, name: str) -> TensorInfo:
         if self._closed:
@@ -300,13 +333,13 @@ class Checkpoint:
         """The `__metadata__` of the shard holding `name` (where converted stores record their format)."""
         return dict(self._metadata[self._info(name).file])
 
-    def _read(self, name: str) -> torch.Tensor:
-        info = self._info(name)
+    def _read(self, name: str, info: TensorInfo | None = None) -> torch.Tensor:
+        info = info or self._info(name)
         try:
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-            return handle.get_tensor(name)
+            return handle.get_tensor(info.stored or name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"could not be read ({type(e).__name__}: {e})", file=info.file,
                                   tensor=name, fix=REDOWNLOAD) from e
@@ -314,6 +347,15 @@ class Checkpoint:
     def get_raw(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (any dtype; FP8 stays float8_e4m3fn, its scale is a separate name)."""
         return self._read(name)
+
+    def get_vision(self, name: str) -> torch.Tensor:
+        """One of the vision tower's tensors (a name in vision_names) exactly as stored."""
+        info = self._vision.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor '{name}' is not in this checkpoint's vision tower "
+                                  f"({len(self.vision_names)} tensors)", file=self.model_dir,
+                                  fix="check the name against Checkpoint.vision_names")
+        return self._read(name, info)
 
     def check_shape(self, name: str, expect_shape: tuple) -> None:
         """Raise CheckpointError (naming the file and tensor) unless `name` is stored with this shape."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hybrid.core.config import LAYOUTS
+
 
 def add_make_tiny_parser(sub) -> None:
     t = sub.add_parser("make-tiny", help="write a small deterministic checkpoint of the K2 architecture")
@@ -10,11 +12,14 @@ def add_make_tiny_parser(sub) -> None:
     t.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weights", default="fp8", choices=["fp8", "bf16"], help="fp8 = as the K2 release stores them")
+    t.add_argument("--layout", default="k2", choices=LAYOUTS,
+                   help="k2 = the K2 / K2-Thinking release's folder; k25 = the K2.5 / K2.6 / K2.7 release's "
+                        "(kimi_k25 config, text weights under language_model., a small vision tower) (default k2)")
     t.set_defaults(func=cmd_make_tiny)
 
 
 def cmd_make_tiny(a) -> int:
     from hybrid.models.tiny import make_tiny
-    out = make_tiny(a.out, preset=a.preset, seed=a.seed, weights=a.weights, quiet=a.preset == "tiny")
+    out = make_tiny(a.out, preset=a.preset, seed=a.seed, weights=a.weights, quiet=a.preset == "tiny", layout=a.layout)
     print(f"wrote {a.preset} model to {out}")
     return 0

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+# Folder layouts of the releases: "k2" (K2, K2-Thinking: DeepSeek-V3 style) and "k25" (K2.5 / K2.6 / K2.7: a
+# kimi_k25 config around the text config, text tensors under `language_model.`, a vision tower beside them).
+LAYOUTS = ("k2", "k25")
 
 
 class ConfigError(ValueError):

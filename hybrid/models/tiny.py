@@ -7,6 +7,9 @@ Presets:
 - bench: K2's own expert shape (hidden 7168, expert width 2048, top-8) with 2 MoE layers x 64 experts,
          5.25 GiB of routed weights in FP8: far beyond the ~64 MiB that acts as cache here, so benchmarks
          measure memory, not cache.
+Layouts: "k2" (the K2 / K2-Thinking release: a DeepSeek-V3-style folder) or "k25" (the K2.5 / K2.6 / K2.7
+release: a `kimi_k25` config wrapping the text config, text tensors under `language_model.`, and a small
+random vision tower under `vision_tower.*` / `mm_projector.*` with the release's tensor names).
 Weights are stored block-FP8 (float8_e4m3fn + weight_scale_inv, 128x128 blocks, ragged edges) exactly as
 the K2 release stores them, or BF16; shards with an index; tokenizer in K2's format (tiktoken.model +
 tokenizer_config.json) trained at make time from a bundled corpus.
@@ -27,7 +30,7 @@ from quant.fp8 import quantize_blocks_torch
 from quant.writer import write_sharded
 
 from hybrid.text.bpe import tiny_ranks, write_tokenizer
-from hybrid.core.config import ModelConfig
+from hybrid.core.config import LAYOUTS, ModelConfig
 from hybrid.core.weights import TensorSpec, dense_tensors, expert_tensors
 
 _TINY_RANKS = 768      # 256 bytes + 512 merges; + 256 reserved specials = vocab 1024
@@ -63,12 +66,18 @@ PRESETS = {
     },
 }
 _SHARD_BYTES = {"tiny": 1 << 20, "bench": 2 << 30}
+# A small MoonViT for the k25 layout: the release's fields, tiny sizes.
+K25_VISION = {"model_type": "kimi_k25_vision", "patch_size": 14, "pos_emb_height": 8, "pos_emb_width": 8,
+              "pos_emb_time": 2, "num_attention_heads": 2, "num_hidden_layers": 2, "hidden_size": 32,
+              "intermediate_size": 64, "hidden_act": "gelu_pytorch_tanh", "merge_kernel_size": [2, 2]}
+K25_MEDIA_TOKENS = {"image_token_id": 163605, "video_token_id": 163840, "vision_start_token_id": 163602,
+                    "vision_end_token_id": 163604}
 FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 
 
 def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights: str = "fp8",
-              overrides: dict | None = None, tokenizer: bool = True, quiet: bool = True) -> Path:
+              overrides: dict | None = None, tokenizer: bool = True, quiet: bool = True, layout: str = "k2") -> Path:
     """Write a deterministic random-weight checkpoint to out_dir (created; must not already hold a model).
 
     Args:
@@ -78,6 +87,7 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights:
         weights: "fp8" (block-FP8 like the K2 release) or "bf16".
         overrides: config.json fields to replace (tests build V3-like and no-q-compression variants).
         tokenizer: also write K2-format tokenizer files.
+        layout: "k2" or "k25" (see the module docstring).
     Returns: the folder. The folder appears complete only at the end (written beside it, then renamed).
     """
     if preset not in PRESETS:
@@ -85,12 +95,14 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, weights:
     raw = {**PRESETS[preset], **(overrides or {})}
     cfg = ModelConfig.from_dict(raw, source=f"preset {preset}")
     return write_model(out_dir, raw, lambda name, spec: _init(name, spec, cfg, seed), weights=weights,
-                       ranks=tiny_ranks() if tokenizer else None, shard_bytes=_SHARD_BYTES[preset], quiet=quiet)
+                       ranks=tiny_ranks() if tokenizer else None, shard_bytes=_SHARD_BYTES[preset], quiet=quiet,
+                       layout=layout, seed=seed)
 
 
 def write_model(out_dir: str | Path, raw_config: dict, tensor_of: Callable[[str, TensorSpec], torch.Tensor], *,
                 weights: str = "fp8", ranks: dict[bytes, int] | None = None, shard_bytes: int = 1 << 20,
-                quiet: bool = True, finish: Callable[[Path], None] | None = None) -> Path:
+                quiet: bool = True, finish: Callable[[Path], None] | None = None, layout: str = "k2",
+                seed: int = 0) -> Path:
     """Write a checkpoint in the release layout: config.json, generation_config.json, safetensors shards
     + index (block-FP8 or BF16 as the K2 release stores each tensor), and K2-format tokenizer files.
 
@@ -103,10 +115,14 @@ def write_model(out_dir: str | Path, raw_config: dict, tensor_of: Callable[[str,
         ranks: tokenizer ranks to write (hybrid.text.bpe), or None for a folder without tokenizer.
         shard_bytes: shard size limit.
         finish: called with the temporary folder before it is renamed into place, to add files.
+        layout: "k2", or "k25": the K2.5 release's wrapper config, `language_model.` names and a random vision
+            tower drawn from `seed`.
     Returns: out_dir, which appears complete only at the end (written beside it, then renamed).
     """
     if weights not in ("fp8", "bf16"):
         raise ValueError(f"weights must be 'fp8' or 'bf16', got {weights!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder or delete it")
@@ -114,10 +130,13 @@ def write_model(out_dir: str | Path, raw_config: dict, tensor_of: Callable[[str,
     cfg = ModelConfig.from_dict(raw, source=f"{out}/config.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))   # private to this call
-    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(k25_config(raw) if layout == "k25" else raw, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"]}, indent=2) + "\n")
-    write_sharded(tmp, _tensors(cfg, tensor_of, weights, quiet), shard_bytes)
+    tensors = _tensors(cfg, tensor_of, weights, quiet)
+    if layout == "k25":
+        tensors = _k25_tensors(tensors, K25_VISION, cfg.hidden_size, seed)
+    write_sharded(tmp, tensors, shard_bytes)
     if ranks is not None:
         write_tokenizer(tmp, ranks)
     if finish is not None:
@@ -152,6 +171,40 @@ def _tensors(cfg: ModelConfig, tensor_of, weights: str, quiet: bool):
             yield name, w.float()
         else:
             yield name, w.to(torch.bfloat16)
+
+
+def k25_config(text: dict) -> dict:
+    """The K2.5 release's config.json around a text config: model_type kimi_k25, the text model in
+    text_config, a vision tower in vision_config, the media token ids; embeddings not tied (K2.5 stores
+    language_model.lm_head)."""
+    return {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "text_config": text,
+            "vision_config": K25_VISION, "projection_hidden_size": K25_VISION["hidden_size"],
+            "projection_layer_norm_eps": 1e-5, "tie_word_embeddings": False, **K25_MEDIA_TOKENS}
+
+
+def _k25_tensors(text, vision: dict, text_hidden: int, seed: int):
+    """The text tensors under `language_model.`, then a random vision tower and projector with the release's
+    names (MoonViT blocks: norm0/norm1, fused wqkv, wo, mlp.fc0/fc1; the projector's pre_norm and proj.0/2)."""
+    for name, t in text:
+        yield "language_model." + name, t
+    hv, iv, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    merged = hv * vision["merge_kernel_size"][0] * vision["merge_kernel_size"][1]
+    shapes = {"vision_tower.patch_embed.proj.weight": (hv, 3, p, p), "vision_tower.patch_embed.proj.bias": (hv,),
+              "vision_tower.patch_embed.pos_emb.weight": (vision["pos_emb_height"], vision["pos_emb_width"], hv)}
+    for b in range(vision["num_hidden_layers"]):
+        pre = f"vision_tower.encoder.blocks.{b}."
+        for part, shape in (("norm0", (hv,)), ("norm1", (hv,)), ("wqkv", (3 * hv, hv)), ("wo", (hv, hv)),
+                            ("mlp.fc0", (iv, hv)), ("mlp.fc1", (hv, iv))):
+            shapes[pre + part + ".weight"] = shape
+            shapes[pre + part + ".bias"] = shape[:1]
+    shapes.update({"vision_tower.encoder.final_layernorm.weight": (hv,),
+                   "vision_tower.encoder.final_layernorm.bias": (hv,), "mm_projector.pre_norm.weight": (hv,),
+                   "mm_projector.pre_norm.bias": (hv,), "mm_projector.proj.0.weight": (merged, merged),
+                   "mm_projector.proj.0.bias": (merged,), "mm_projector.proj.2.weight": (text_hidden, merged),
+                   "mm_projector.proj.2.bias": (text_hidden,)})
+    for name, shape in shapes.items():
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 1000 + seed)
+        yield name, (torch.randn(shape, generator=g) / max(shape[-1], 1) ** 0.5).to(torch.bfloat16)
 
 
 def _init(name: str, spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Tensor:
