@@ -23,8 +23,8 @@ import binascii
 import json
 import re
 
-from hybrid.serve.api import (DEFAULT_TEMPERATURE, ChatRequest, Generation, bad, get_bool, get_int, get_model,
-                              get_stops, sampling_params)
+from hybrid.serve.api import (DEFAULT_TEMPERATURE, ChatRequest, Generation, bad, check_tool_name, get_bool, get_int,
+                              get_model, get_stops, sampling_params)
 from hybrid.serve.errors import ApiError
 from hybrid.serve.grammar import MAX_PARALLEL_CALLS, Constraint, Schema, Tool
 from hybrid.text.chat import next_call_index
@@ -170,8 +170,9 @@ def _tools(body: dict) -> list[dict] | None:
         raise bad("tools", tools, "a list of tools")
     out = []
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise bad(f"tools.{i}", t, '{"name": ..., "description": ..., "input_schema": {...}}')
+        check_tool_name(t["name"], f"tools.{i}.name")
         if not isinstance(t.get("input_schema"), dict):
             raise ApiError(400, f"tools.{i}.input_schema: a tool needs its input_schema (a JSON schema object), "
                                 f"got {t.get('input_schema')!r:.60}", f"tools.{i}.input_schema", "missing_schema")

@@ -11,6 +11,7 @@ path: K2 chat template -> Job -> engine, and one tool-call parser.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from hybrid.core.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
@@ -65,6 +66,15 @@ def type_name(v) -> str:
 
 def bad(param: str, value, wanted: str) -> ApiError:
     return ApiError(400, f"'{param}' must be {wanted}, got {type_name(value)} {value!r:.80}", param, "invalid_type")
+
+
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")   # OpenAI's rule for function names; Anthropic's is the same
+
+
+def check_tool_name(name: str, param: str) -> None:
+    """A tool name the K2 call format can carry (no markers, quotes or lone surrogates); 400 naming `param`."""
+    if not TOOL_NAME.fullmatch(name):
+        raise ApiError(400, f"'{param}' must match ^[a-zA-Z0-9_-]{{1,64}}$, got {name!r:.80}", param, "invalid_value")
 
 
 def get_int(body: dict, key: str, lo: int | None = None, hi: int | None = None, param: str | None = None) -> int | None:
@@ -226,8 +236,9 @@ def _tool_list(body: dict) -> list[dict] | None:
         raise bad("tools", tools, "a list of tools")
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise bad(f"tools[{i}]", t, '{"type": "function", "function": {"name": ..., "parameters": ...}}')
+        check_tool_name(fn["name"], f"tools[{i}].function.name")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise bad(f"tools[{i}].function.parameters", fn["parameters"], "a JSON schema object")
     return tools or None

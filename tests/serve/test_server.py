@@ -35,12 +35,12 @@ from hybrid.text.tokenizer import Tokenizer
 
 MODEL = "kimi-k2"
 CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]
-TOOLS = [{"type": "function", "function": {"name": "get-weather.v2", "description": "Weather in a city",
+TOOLS = [{"type": "function", "function": {"name": "get_weather-v2", "description": "Weather in a city",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}},
-         {"type": "function", "function": {"name": "time.now", "parameters": {"type": "object"}}}]
-TOOL_OUTPUT = (f'Let me check.{SECTION_BEGIN}{CALL_BEGIN}functions.get-weather.v2:0{ARG_BEGIN}'
-               f'{{"city": "Paris", "unit": "celsius"}}{CALL_END}{CALL_BEGIN}functions.time.now:1{ARG_BEGIN}{{}}'
+         {"type": "function", "function": {"name": "time_now", "parameters": {"type": "object"}}}]
+TOOL_OUTPUT = (f'Let me check.{SECTION_BEGIN}{CALL_BEGIN}functions.get_weather-v2:0{ARG_BEGIN}'
+               f'{{"city": "Paris", "unit": "celsius"}}{CALL_END}{CALL_BEGIN}functions.time_now:1{ARG_BEGIN}{{}}'
                f'{CALL_END}{SECTION_END}')
 
 
@@ -279,7 +279,7 @@ def test_tool_call_stream_sends_name_before_arguments_end():
     head = TOOL_OUTPUT[:TOOL_OUTPUT.index('"unit"')]
     s = ToolCallStream()
     events = s.push(head)
-    assert CallStart(0, "functions.get-weather.v2:0", "get-weather.v2") in events
+    assert CallStart(0, "functions.get_weather-v2:0", "get_weather-v2") in events
     assert events[-1] == CallArgs(0, '{"city": "Paris",')      # the trailing space waits for what follows
     assert s.completed == []
 
@@ -485,7 +485,7 @@ def test_tool_call_round_trip(fake, tiny):
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Let me check."
     assert [(t.id, t.function.name) for t in msg.tool_calls] == [
-        ("functions.get-weather.v2:0", "get-weather.v2"), ("functions.time.now:1", "time.now")]
+        ("functions.get_weather-v2:0", "get_weather-v2"), ("functions.time_now:1", "time_now")]
     assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
     assert render_chat(CHAT, TOOLS) == tiny.tokenizer.decode(engine.prompts[-1])
 
@@ -497,8 +497,8 @@ def test_tool_call_round_trip(fake, tiny):
     assert r2.choices[0].message.content == "It is 21 degrees." and r2.choices[0].finish_reason == "stop"
     prompt = tiny.tokenizer.decode(engine.prompts[-1])
     assert prompt == render_chat(follow, TOOLS)
-    assert f"{CALL_BEGIN}functions.get-weather.v2:0{ARG_BEGIN}" in prompt
-    assert "## Return of functions.get-weather.v2:0\n{\"temp\": 21}" in prompt
+    assert f"{CALL_BEGIN}functions.get_weather-v2:0{ARG_BEGIN}" in prompt
+    assert "## Return of functions.get_weather-v2:0\n{\"temp\": 21}" in prompt
 
 
 def test_tool_calls_stream_incrementally(fake):
@@ -510,7 +510,7 @@ def test_tool_calls_stream_incrementally(fake):
     calls = [tc for d in deltas for tc in d.tool_calls or []]
     headers = [tc for tc in calls if tc.id]
     assert [(h.index, h.id, h.function.name) for h in headers] == [
-        (0, "functions.get-weather.v2:0", "get-weather.v2"), (1, "functions.time.now:1", "time.now")]
+        (0, "functions.get_weather-v2:0", "get_weather-v2"), (1, "functions.time_now:1", "time_now")]
     args0 = [tc.function.arguments for tc in calls if tc.index == 0 and not tc.id]
     assert len(args0) > 1 and json.loads("".join(args0)) == {"city": "Paris", "unit": "celsius"}
     assert calls.index(headers[0]) < calls.index(headers[1])

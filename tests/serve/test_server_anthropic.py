@@ -14,8 +14,8 @@ from test_server import MODEL, TOOL_OUTPUT, client, fake, fake_server, real, tin
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"], "properties": {
     "city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
-TOOLS = [{"name": "get-weather.v2", "description": "Weather in a city", "input_schema": WEATHER},
-         {"name": "time.now", "input_schema": {"type": "object", "properties": {}}}]
+TOOLS = [{"name": "get_weather-v2", "description": "Weather in a city", "input_schema": WEATHER},
+         {"name": "time_now", "input_schema": {"type": "object", "properties": {}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -24,7 +24,7 @@ def claude(base: str) -> anthropic.Anthropic:
 
 
 def test_tool_ids_travel_in_anthropic_form():
-    for k2 in ("functions.get-weather.v2:0", "functions.time.now:12"):
+    for k2 in ("functions.get_weather-v2:0", "functions.time_now:12"):
         aid = anthropic_id(k2)
         assert aid.startswith("toolu_") and all(ch.isalnum() or ch in "_-" for ch in aid)
         assert k2_id(aid) == k2
@@ -59,7 +59,7 @@ def test_stop_sequence_is_reported(real):
 
 def _forced(c: anthropic.Anthropic, messages, **sampling):
     return c.messages.create(model=MODEL, max_tokens=64, messages=messages, tools=TOOLS,
-                             tool_choice={"type": "tool", "name": "get-weather.v2"},
+                             tool_choice={"type": "tool", "name": "get_weather-v2"},
                              extra_body={"temperature": 1.0, **sampling})
 
 
@@ -67,14 +67,14 @@ def test_forced_tool_round_trip_on_the_random_model(real):
     c = claude(real)
     first = _forced(c, ASK)
     uses = [b for b in first.content if b.type == "tool_use"]
-    assert first.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get-weather.v2"
+    assert first.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather-v2"
     jsonschema.validate(uses[0].input, WEATHER)
-    assert k2_id(uses[0].id) == "functions.get-weather.v2:0"
+    assert k2_id(uses[0].id) == "functions.get_weather-v2:0"
     convo = [*ASK, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "21 C"}]}]
     second = _forced(c, convo)
     again = [b for b in second.content if b.type == "tool_use"]
-    assert k2_id(again[0].id) == "functions.get-weather.v2:1"       # K2 numbers calls across the conversation
+    assert k2_id(again[0].id) == "functions.get_weather-v2:1"       # K2 numbers calls across the conversation
     answer = c.messages.create(model=MODEL, max_tokens=8, messages=convo, tools=TOOLS, extra_body={"top_k": 20})
     # the random model's answer may be only special tokens (no text block), but it is a well-formed answer
     assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use") and answer.usage.output_tokens > 0
@@ -86,7 +86,7 @@ def test_streaming_tool_call_equals_non_streaming(real):
     plain = _forced(c, ASK, temperature=0)
     kinds = []
     with c.messages.stream(model=MODEL, max_tokens=64, messages=ASK, tools=TOOLS, extra_body={"temperature": 0},
-                           tool_choice={"type": "tool", "name": "get-weather.v2"}) as s:
+                           tool_choice={"type": "tool", "name": "get_weather-v2"}) as s:
         for ev in s:
             kinds.append(ev.type)
         final = s.get_final_message()
@@ -107,7 +107,7 @@ def test_scripted_tool_round_trip_renders_k2_history(fake, tiny):
     assert first.content[0].text == "Let me check."
     weather, now = first.content[1], first.content[2]
     assert (weather.name, weather.input, now.name, now.input) == (
-        "get-weather.v2", {"city": "Paris", "unit": "celsius"}, "time.now", {})
+        "get_weather-v2", {"city": "Paris", "unit": "celsius"}, "time_now", {})
     engine.script = "It is 21 degrees."
     convo = [*ASK, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
              {"role": "user", "content": [
@@ -119,11 +119,11 @@ def test_scripted_tool_round_trip_renders_k2_history(fake, tiny):
     openai_tools = [{"type": "function", "function": {"name": t["name"], **({"description": t["description"]}
                      if "description" in t else {}), "parameters": t["input_schema"]}} for t in TOOLS]
     same = [*ASK, {"role": "assistant", "content": "Let me check.", "tool_calls": [
-        {"id": "functions.get-weather.v2:0", "type": "function",
-         "function": {"name": "get-weather.v2", "arguments": '{"city": "Paris", "unit": "celsius"}'}},
-        {"id": "functions.time.now:1", "type": "function", "function": {"name": "time.now", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "functions.get-weather.v2:0", "content": "21 C"},
-            {"role": "tool", "tool_call_id": "functions.time.now:1", "content": "12:00"},
+        {"id": "functions.get_weather-v2:0", "type": "function",
+         "function": {"name": "get_weather-v2", "arguments": '{"city": "Paris", "unit": "celsius"}'}},
+        {"id": "functions.time_now:1", "type": "function", "function": {"name": "time_now", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "functions.get_weather-v2:0", "content": "21 C"},
+            {"role": "tool", "tool_call_id": "functions.time_now:1", "content": "12:00"},
             {"role": "user", "content": "Thanks"}]
     assert tiny.tokenizer.decode(engine.prompts[-1]) == render_chat(same, openai_tools)
 

@@ -295,3 +295,23 @@ def test_disconnects_under_load_leave_no_jobs(fake_server):
     gc.collect()
     assert len(LIVE_JOBS) == 0
     assert metric(url, 'hybrid_generations_total{outcome="failed"}') == 0
+
+
+# ---- round 2, item 4: tool names the K2 call format cannot carry --------------------------------------
+@pytest.mark.parametrize("name", ["\\ud800", "<|im_end|>", 'a\\"b<|tool_call_end|>', "a" * 65, "get weather", ""])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_tool_names_outside_the_pattern_are_refused_by_field(fake_server, path, name):
+    url, engine = fake_server
+    n = len(engine.prompts)
+    if path == "/v1/messages":
+        tools, param = '[{"name": "%s", "input_schema": {"type": "object"}}]' % name, "tools.0.name"
+    else:
+        tools = '[{"type": "function", "function": {"name": "%s", "parameters": {"type": "object"}}}]' % name
+        param = "tools[0].function.name"
+    body = '{"model": "kimi-k2", "max_tokens": 4, "messages": %s, "tools": %s, "tool_choice": %s}' % (
+        json.dumps(CHAT), tools, '{"type": "any"}' if path == "/v1/messages" else '"required"')
+    r = httpx.post(url + path, content=body.encode(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in err["message"] and ("must match" in err["message"] or not name)
+    assert len(engine.prompts) == n

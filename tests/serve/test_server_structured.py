@@ -22,9 +22,9 @@ NESTED = {"type": "object", "additionalProperties": False, "required": ["name", 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "days"], "properties": {
     "city": {"type": "string", "maxLength": 16}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
     "unit": {"enum": ["celsius", "fahrenheit"]}}}
-TOOLS = [{"type": "function", "function": {"name": "get-weather.v2", "description": "Weather forecast",
+TOOLS = [{"type": "function", "function": {"name": "get_weather-v2", "description": "Weather forecast",
                                            "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "time.now", "parameters": {"type": "object", "properties": {},
+         {"type": "function", "function": {"name": "time_now", "parameters": {"type": "object", "properties": {},
                                                                                 "additionalProperties": False}}}]
 
 
@@ -34,7 +34,7 @@ TOOLS = [{"type": "function", "function": {"name": "get-weather.v2", "descriptio
     (Constraint(answer=Schema("rf", NESTED)), 48),
     (Constraint(tools=tuple(Tool(t["function"]["name"], Schema("p", t["function"]["parameters"]))
                             for t in TOOLS), call_required=True, first_index=2), 64),
-    (Constraint(answer=Schema("rf", NESTED), tools=(Tool("time.now", Schema("p", {"type": "object"})),)), 48),
+    (Constraint(answer=Schema("rf", NESTED), tools=(Tool("time_now", Schema("p", {"type": "object"})),)), 48),
 ])
 @pytest.mark.parametrize("overlap", [True, False])
 def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, overlap):
@@ -89,12 +89,12 @@ def test_nested_json_schema_always_parses_and_validates(real):
         jsonschema.validate(json.loads(r.choices[0].message.content), NESTED)
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get-weather.v2"}}])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather-v2"}}])
 def test_forced_tool_call_is_schema_valid(real, choice):
     c = client(real)
     history = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "functions.time.now:0", "type": "function", "function": {"name": "time.now", "arguments": "{}"}}]},
-               {"role": "tool", "tool_call_id": "functions.time.now:0", "content": "12:00"}]
+        {"id": "functions.time_now:0", "type": "function", "function": {"name": "time_now", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "functions.time_now:0", "content": "12:00"}]
     for seed in range(4):
         r = c.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice=choice,
                                       max_tokens=64, temperature=1.0, seed=seed)
@@ -105,15 +105,15 @@ def test_forced_tool_call_is_schema_valid(real, choice):
             schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
             jsonschema.validate(json.loads(call.function.arguments), schema)
         if isinstance(choice, dict):
-            assert [t.function.name for t in msg.tool_calls] == ["get-weather.v2"]
+            assert [t.function.name for t in msg.tool_calls] == ["get_weather-v2"]
 
 
 def test_forced_tool_call_streams_its_arguments(real):
     chunks = list(client(real).chat.completions.create(
         model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=64, temperature=1.0, seed=3, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get-weather.v2"}}))
+        tool_choice={"type": "function", "function": {"name": "get_weather-v2"}}))
     calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
-    assert calls[0].id == "functions.get-weather.v2:0" and calls[0].function.name == "get-weather.v2"
+    assert calls[0].id == "functions.get_weather-v2:0" and calls[0].function.name == "get_weather-v2"
     jsonschema.validate(json.loads("".join(tc.function.arguments or "" for tc in calls)), WEATHER)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
