@@ -21,9 +21,14 @@ class SamplingError(ValueError):
         self.field = field
 
 
+GREEDY_BELOW = 1e-4     # temperatures below this sample as greedy (see SamplingParams)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy. top_p: nucleus mass in (0, 1]. seed: reproducible sampling (None = random).
+    """temperature 0 = greedy (so is any temperature below GREEDY_BELOW: float32 logits divided by it would
+    overflow, and the draw it asks for is the argmax anyway). top_p: nucleus mass in (0, 1] (a tiny one keeps the
+    most likely token alone). seed: reproducible sampling (None = random).
     frequency_penalty / presence_penalty: OpenAI's, in [-2, 2], subtracted from the logits of tokens already
     generated (count * frequency + presence). logprobs: None = off, N = the chosen token's log-probability
     and the N most likely alternatives (0..20)."""
@@ -48,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

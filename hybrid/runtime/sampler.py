@@ -75,10 +75,11 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits / self.params.temperature, dim=-1)
+        probs = torch.softmax((logits - logits.max()) / self.params.temperature, dim=-1)   # no overflow
         if self.params.top_p < 1.0:
             q, idx = probs.sort(descending=True)
-            keep = q.cumsum(0) - q < self.params.top_p      # smallest prefix whose mass reaches top_p (>= 1 token)
+            keep = q.cumsum(0) - q < self.params.top_p      # smallest prefix whose mass reaches top_p
+            keep[0] = True                                   # >= 1 token, also when top_p rounds to 0 in float32
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], q[keep])
         if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
             raise ValueError("every token was excluded (all logits are -inf after penalties and processors); "

@@ -115,3 +115,18 @@ def test_seeded_sampling_is_reproducible(tiny_models):
     b = eng.generate([1, 2, 3], 12, temperature=1.0, seed=7, stop_ids=())
     c = eng.generate([1, 2, 3], 12, temperature=1.0, seed=8, stop_ids=())
     assert a == b != c
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-300, 1.0), (5e-5, 1.0), (1.0, 1e-300), (1e-300, 1e-300)])
+def test_tiny_valid_temperature_and_top_p_sample_the_most_likely_token(temperature, top_p):
+    """Issue 28 item 11: tiny values pass validation and then act as greedy / a one-token nucleus (they used
+    to overflow into 'every token was excluded')."""
+    logits = torch.tensor([0.5, 3.0, 2.999, -1.0])
+    for seed in range(5):
+        assert sample(logits, temperature, top_p, torch.Generator().manual_seed(seed)) == 1
+
+
+def test_a_small_temperature_that_is_not_greedy_still_draws_without_overflow():
+    logits = torch.tensor([100.0, 100.0, -50.0])
+    got = {sample(logits, 1e-3, 1.0, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert got == {0, 1}
