@@ -206,6 +206,8 @@ def export_gguf(input_dir, output_path, type: str = "q4_0", progress: Callable[[
         raise GGUFExportError(f"input {src} is not a folder; pass the model folder that holds config.json")
     if not out.parent.is_dir():
         raise GGUFExportError(f"output folder {out.parent} does not exist; create it first")
+    if out.is_dir():        # checked now, not at the final rename hours later
+        raise GGUFExportError(f"--output {out} is a folder; name the .gguf file to write, e.g. {out / 'model.gguf'}")
     cfg = read_config(src)
     vocab = read_vocab(src, cfg["vocab_size"])
     tmp = out.with_name(out.name + ".partial")

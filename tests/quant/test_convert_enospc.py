@@ -118,3 +118,21 @@ def test_verify_catches_a_flipped_byte(src_and_ref, tmp_path):
     layer.write_bytes(bytes(data))
     report = verify(store)
     assert not report["ok"], report
+
+
+def test_verify_against_compares_every_source_shard(src_and_ref, tmp_path):
+    """Issue 28 item 6: a flipped byte in a source shard the numeric check does not sample is found through
+    the sha256 the manifest holds for every source shard."""
+    import shutil
+    from quant.verify import verify
+    src, ref = src_and_ref
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    assert verify(ref, against=copy)["ok"]
+    shard = sorted(copy.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    report = verify(ref, against=copy)
+    assert not report["ok"] and report["source_errors"] == [
+        f"{shard.name}: differs from the shard the store was converted from (sha256)"], report

@@ -202,6 +202,12 @@ def test_errors_name_the_problem_and_leave_no_file(tiny_models, tmp_path):
         export_gguf(model_dir, tmp_path / "no" / "x.gguf", "f32")
     with pytest.raises(GGUFExportError, match="not a folder"):
         export_gguf(tmp_path / "missing", tmp_path / "x.gguf", "f32")
+    (tmp_path / "out").mkdir()        # issue 28 item 7: a folder as --output is refused before any work
+    reads = []
+    with pytest.raises(GGUFExportError, match="is a folder; name the .gguf file"):
+        export_gguf(model_dir, tmp_path / "out", "f32", progress=reads.append)
+    assert reads == [] and not any((tmp_path / "out").iterdir())
+    (tmp_path / "out").rmdir()
     # A config that disagrees with the weights is caught from the headers, before any writing.
     bad = tmp_path / "bad"
     bad.mkdir()
