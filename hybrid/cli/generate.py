@@ -10,13 +10,15 @@ from hybrid.core.sampling import SamplingParams
 
 
 def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated integers, got {text!r}") from None
-    if not ids:
+    """Comma-separated non-negative token ids; an empty entry (1,,2 or a trailing comma) is an error, not skipped."""
+    parts = text.replace(" ", "").split(",")
+    if not text.strip():
         raise argparse.ArgumentTypeError("--prompt-ids is empty")
-    return ids
+    if not all(p.isdigit() for p in parts):
+        bad = next(p for p in parts if not p.isdigit())
+        raise argparse.ArgumentTypeError(f"--prompt-ids wants comma-separated token ids (integers >= 0), got "
+                                         f"{text!r}: entry {bad!r} is " + ("empty" if not bad else "not one"))
+    return [int(p) for p in parts]
 
 
 def add_generate_parser(sub) -> None:

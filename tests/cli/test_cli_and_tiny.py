@@ -73,3 +73,16 @@ def test_prompt_text_without_tokenizer_is_a_clear_error(tmp_path):
     assert eng.tokenizer is None and len(eng.generate([1, 2], 2)) == 2
     r = _cli("generate", "--model", str(d), "--prompt", "hello")
     assert r.returncode == 2 and "--prompt-ids" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text,words", [("1,,2", "entry '' is empty"), ("1,2,", "entry '' is empty"),
+                                        ("1,x", "entry 'x' is not one"), ("1,-3", "entry '-3' is not one"),
+                                        (" ", "is empty")])
+def test_prompt_ids_with_an_empty_or_bad_entry_are_refused(text, words, capsys):
+    """Issue 28 item 13: `--prompt-ids 1,,2` was read as [1, 2]."""
+    from hybrid.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt-ids", text])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prompt-ids" in err and words in err and "Traceback" not in err
