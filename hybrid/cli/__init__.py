@@ -25,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from hybrid.core.config import ConfigError
+    from hybrid.core.errors import NonFiniteOutput
     from quant.errors import CheckpointError
     args = build_parser().parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)   # unknown config fields etc.; errors below still print
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, KeyError,
+            NonFiniteOutput) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"hybrid: error: {msg}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from hybrid.core.placement import PlacementPlan
 from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.batch import build_batch
 from hybrid.runtime.blocks import BlockManager
+from hybrid.core.errors import NonFiniteOutput
 from hybrid.runtime.device_map import KVPools, device_stats
 from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
 from hybrid.runtime.experts import ExpertBackend
@@ -285,6 +286,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Choose seq's next token, tell its caller; True when the request is over (then it is finished)."""
         act: _Active = seq.payload
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutput(
+                f"the model computed non-finite logits (NaN or inf) after {seq.n_generated} generated token(s): "
+                f"its weights hold NaN or inf values; check the model with `hybrid-quant verify STORE --against "
+                f"SOURCE` (a converted store) or re-download the shards")
         s = act.sampler(logits)
         seq.tokens.append(s.token)
         self.times.generated_tokens += 1

@@ -113,3 +113,23 @@ def test_cli_error_is_a_message_not_a_traceback(model):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "hybrid: error:" in r.stderr and shard.name in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_expert_scales_stop_generation_and_point_at_verify(model, capsys):
+    """Issue 28 item 5: NaN in the weights (here every expert scale of layer 1) used to generate token 0 over
+    and over with exit 0; the first non-finite logits stop the run with a message naming the check."""
+    from hybrid.cli import main
+    from hybrid.core.errors import NonFiniteOutput
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+
+    def poison(tensors):
+        for k in tensors:
+            if k.startswith("model.layers.1.mlp.experts.") and k.endswith("_scale_inv"):
+                tensors[k] = torch.full_like(tensors[k], float("nan"))
+    _rewrite_shard(model, name, poison)
+    eng = hybrid.load(model, device="cpu", prefetch="off")
+    with pytest.raises(NonFiniteOutput, match="hybrid-quant verify"):
+        eng.generate([1, 2, 3], 4, stop_ids=())
+    assert main(["generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite logits" in err and "Traceback" not in err
