@@ -100,6 +100,9 @@ _DONE = Future()
 _DONE.set_result(None)
 
 
+PROBE_STEPS = 4        # tokens Grammars.compile walks to catch schemas the engine fails on when generating
+
+
 class Grammars:
     """The grammar engine of one tokenizer: llguidance's view of the vocabulary (built once), the helper
     thread that computes masks, and the token order used to close a document.
@@ -144,7 +147,32 @@ class Grammars:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
         if is_error:
             raise ApiError(400, f"the output constraint cannot be enforced: {messages[0]}", None, "invalid_schema")
+        failure = self._probe(grammar)
+        if failure is not None:
+            param = c.answer.param if c.answer is not None else c.tools[0].params.param if len(c.tools) == 1 \
+                else "tools"
+            raise ApiError(400, f"{param}: this schema compiles but cannot be enforced: the grammar engine fails on "
+                                f"its first tokens ({failure}); make it smaller or less recursive", param,
+                           "invalid_schema")
         return grammar
+
+    def _probe(self, grammar: str) -> str | None:
+        """Walk the grammar's first PROBE_STEPS tokens, taking the first allowed token that is not whitespace:
+        schemas that validate but overflow the engine's limits (hundreds of optional properties, a required
+        self-reference) fail here, at compile time, instead of on the request's first token after it was
+        accepted. Returns the engine's first error line, or None."""
+        m = llguidance.LLMatcher(self.ll, grammar)
+        bits = np.zeros((self.ll.vocab_size + 31) // 32, dtype=np.int32)
+        space = {self.one_byte[b] for b in b" \t\n\r" if b in self.one_byte}
+        for _ in range(PROBE_STEPS):
+            m.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little"))
+            if m.is_error() or not len(allowed):
+                break
+            token = next((int(a) for a in allowed[:256] if a not in space), int(allowed[0]))
+            if not m.consume_token(token) or m.is_stopped():
+                break
+        return m.get_error().strip().splitlines()[0] if m.is_error() else None
 
     def _check(self, s: Schema) -> None:
         try:

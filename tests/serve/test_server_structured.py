@@ -127,6 +127,13 @@ def test_forced_tool_call_streams_its_arguments(real):
         "type": "integer", "minimum": 5, "maximum": 2}}}}, "response_format.json_schema.schema", "minimum"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema",
      "schema"),
+    # issue 28 item 3: schemas that validate but failed on the first token, after acceptance (a 500)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}}}}},
+     "response_format.json_schema.schema", "cannot be enforced"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}},
+        "$ref": "#/$defs/a"}}}}, "response_format.json_schema.schema", "cannot be enforced"),
     ({"response_format": {"type": "xml"}}, "response_format", "json_object"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
      "tools[0].function.parameters", "is missing"),
