@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = {"int4": "q4_0", "fp8": "q8_0", "bf16": "bf16"}
+from quant.formats import FORMATS
+
+PAIRS = {f.name: f.ggml_type.lower() for f in FORMATS.values()}    # ours -> the llama.cpp type it is compared to
 # issue 14: ours/llama.cpp decode per pair, and the whole-token bandwidth's share of the read limit
 DECODE_GOALS = {"int4": 1.25, "fp8": 1.0, "bf16": 1.0}
 BANDWIDTH_GOAL = 0.85

@@ -20,17 +20,20 @@ import os
 import sys
 import time
 
+import gguf
 import numpy as np
 
 from cpu_experts import CpuMoE
 from cpu_experts.measure import GIB, H, I, TOPK, decode_bw, prefill, random_store, read_bandwidth
 from cpu_experts.moe import physical_cores
+from quant.formats import get_format
 from quant.layout import make_layout
 
 
-
 # -- llama.cpp's ggml on the same shapes (when llama-cpp-python is installed) ---------------------------
-GGML_TYPES = {"int4": ("Q4_0", 2), "fp8": ("Q8_0", 8), "bf16": ("BF16", 30)}   # closest ggml type per format
+def ggml_type_id(fmt: str) -> int:
+    """The ggml type number of the closest llama.cpp type to `fmt` (Format.ggml_type: Q4_0 = 2, ...)."""
+    return int(gguf.GGMLQuantizationType[get_format(fmt).ggml_type])
 
 
 def _ggml_libs():
@@ -63,7 +66,7 @@ def ggml_decode(fmt: str, n_experts: int, threads: int, calls: int, rng) -> tupl
     on a pool of K2-shaped experts in the closest ggml type; (best GB/s, ms per call)."""
     import ctypes
     base, cpu, Params = _ggml_libs()
-    qtype = GGML_TYPES[fmt][1]
+    qtype = ggml_type_id(fmt)
     bpw = base.ggml_type_size(qtype) / base.ggml_blck_size(qtype)
     ctx = base.ggml_init(Params(int(3 * n_experts * H * I * bpw) + (256 << 20), None, False))
     if not ctx:
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
         if have_llama:
             try:
                 gbw, gdt = ggml_decode(fmt, n, threads, a.calls, rng)
-                print(f"decode {fmt:5s} llama.cpp ggml {GGML_TYPES[fmt][0]:5s} (same shapes, E={n}, {threads} thr) "
+                print(f"decode {fmt:5s} llama.cpp ggml {get_format(fmt).ggml_type:5s} (same shapes, E={n}, {threads} thr) "
                       f"{gdt * 1e3:7.2f} ms/call {gbw:6.1f} GB/s = {100 * gbw / limit:5.1f} %; ours/ggml time = "
                       f"{dt / gdt:.2f}")
             except (OSError, AttributeError, MemoryError) as exc:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quant import fp8 as qfp8
 from quant.checkpoint import Checkpoint
 from quant.codec import decode
-from quant.formats import FORMAT_NAMES, bf16_bits_to_f32, f32_to_bf16_bits
+from quant.formats import FORMAT_NAMES, f32_to_bf16_bits, get_format
 from quant.int4 import GROUP_SIZES
 from quant.packed import QUANTIZE_ROWS, PackedMatrix, holds, take_rows, transposed
 
@@ -118,11 +117,14 @@ class _Source:
     def rows(self, g: int, r0: int, r1: int) -> np.ndarray:
         """float32 rows [r0, r1) (r0 a multiple of 128): decoded exactly from the stored arrays."""
         codes, scales = self.arrays()
-        if self.kind == "int4":
-            return decode("int4", codes[r0:r1], scales[r0:r1], self.group_size)
-        if self.kind == "fp8":
-            return qfp8.dequantize_blocks(codes[r0:r1], scales[r0 // 128: -(-r1 // 128)])
-        return bf16_bits_to_f32(codes[r0:r1])
+        per = get_format(self.fmt).scale_rows                         # rows one scale covers (fp8: 128)
+        return decode(self.fmt, codes[r0:r1], None if scales is None else scales[r0 // per: -(-r1 // per)],
+                      self.group_size)
+
+    @property
+    def fmt(self) -> str:
+        """The format arrays() gives the weight in: its own, or bf16 for a float weight."""
+        return "bf16" if self.kind == "float" else self.kind
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -168,7 +170,7 @@ class DenseReader:
         return m
 
     def _packed(self, src: _Source, fmt: str, kind: str) -> PackedMatrix:
-        if src.kind == fmt or (src.kind == "float" and fmt == "bf16"):
+        if src.fmt == fmt:
             return PackedMatrix.from_arrays(fmt, *src.arrays(), group_size=self.group_size)
         return self._note(kind, PackedMatrix.quantize_rows(src.rows, (1, *src.shape), fmt, self.group_size))
 

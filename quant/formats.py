@@ -19,7 +19,9 @@ import numpy as np
 class Format:
     """One number format of stored weights, as data: byte counts, the stored arrays' shapes (the expert
     layout, the packed dense matrices) and every list of allowed names (FORMAT_NAMES) are read from this
-    table, nowhere else."""
+    table, nowhere else. Tables of another layer keyed by format (the codecs in quant/codec.py, the kernels
+    in cpu_experts/paths.py, the device decoders in hybrid/runtime/decode.py, calibrated rates) are keyed
+    by FORMAT_NAMES and checked against it by tests/quant/test_format_tables.py."""
     name: str
     weight_bits: int          # bits per stored weight code
     code_dtype: str           # numpy dtype the codes are stored in (two int4 codes per uint8)
@@ -27,6 +29,9 @@ class Format:
     scale_rows: int           # rows of the weight one scale covers
     scale_cols: int | None    # inputs of a row one scale covers (None: the int4 group size)
     scale_block: str          # what one scale covers, in words
+    max_rel_error: float      # worst rounding error of one weight by the reference quantizer, relative to the
+    #                           max |w| of its scale block (quant/verify.py's bound; see FORMATS)
+    ggml_type: str            # the closest llama.cpp type (gguf.GGMLQuantizationType's name): the bench's peer
 
     @property
     def scale_bytes(self) -> int:
@@ -48,15 +53,20 @@ class Format:
         return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for _, shape, dt in self.sections(rows, cols, group_size))
 
 
+# max_rel_error: int4 rounds to steps of (group max)/7, half a step is 1/14 of the group max; e4m3 keeps 3
+# mantissa bits, half an ulp is at most 1/16 of the block max; bf16 keeps 8 bits (2^-9, doubled for margin).
 FORMATS = {
     "int4": Format("int4", 4, "uint8", "uint16", 1, None,
-                   "a group of `group_size` (default 32) inputs of one row; bf16 scale"),
-    "fp8": Format("fp8", 8, "uint8", "float32", 128, 128, "a 128x128 block (float32 weight_scale_inv, multiplied)"),
-    "bf16": Format("bf16", 16, "uint16", None, 1, 1, "none: the weights themselves (bf16 bit patterns)"),
+                   "a group of `group_size` (default 32) inputs of one row; bf16 scale",
+                   max_rel_error=1 / 14, ggml_type="Q4_0"),
+    "fp8": Format("fp8", 8, "uint8", "float32", 128, 128, "a 128x128 block (float32 weight_scale_inv, multiplied)",
+                  max_rel_error=1 / 16, ggml_type="Q8_0"),
+    "bf16": Format("bf16", 16, "uint16", None, 1, 1, "none: the weights themselves (bf16 bit patterns)",
+                   max_rel_error=2 ** -8, ggml_type="BF16"),
 }
 FORMAT_NAMES = tuple(FORMATS)          # ("int4", "fp8", "bf16"): the allowed format names, in this order
-
-
+# Formats whose stored form is smaller than the bf16 compute form: a packed hot set keeps these as stored.
+COMPACT_FORMATS = tuple(f.name for f in FORMATS.values() if f.weight_bits < 16)
 
 
 def get_format(name: str) -> Format:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .formats import get_format
 from .int4 import dequantize_groups
 from .convert import (MANIFEST, STORE_FORMAT, ConvertError, _sha256, expert_prefix, layer_file, model_shape,
                       read_config_dict)
@@ -66,13 +67,11 @@ _EXACT = {("block-fp8", "fp8"), ("bf16", "bf16"), ("compressed-tensors-int4", "i
 
 
 def bound(source_kind: str, fmt: str) -> float:
-    """Worst error of a stored weight relative to its matrix's max |w|. Exact copies: 0. int4 rounds to
-    steps of (group max)/7, so half a step is at most 1/14 of the matrix max; e4m3 keeps 3 mantissa bits
-    (half an ulp <= 1/16 of the block max); bf16 keeps 8 bits (2^-9, doubled for margin). 1 % slack covers
-    the bf16 rounding of int4 scales."""
+    """Worst error of a stored weight relative to its matrix's max |w|. Exact copies: 0; else the format's
+    rounding (Format.max_rel_error) with 1 % slack, which covers the bf16 rounding of int4 scales."""
     if (source_kind, fmt) in _EXACT:
         return 0.0
-    return {"int4": 1 / 14, "fp8": 1 / 16, "bf16": 2 ** -8}[fmt] * 1.01
+    return get_format(fmt).max_rel_error * 1.01
 
 
 def _numeric(store: Path, m: dict, src: Path, samples: int) -> dict:

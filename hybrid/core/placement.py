@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from quant.formats import bytes_per_matrix
+from quant.formats import COMPACT_FORMATS, bytes_per_matrix
 from quant.layout import SECTION_ALIGN, make_layout
 from quant.packed import holds
 
@@ -27,7 +27,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 
 HOT_SET_FORMATS = ("packed", "bf16")   # how a resident expert is kept: store bytes, or the compute dtype
-PACKABLE = ("int4", "fp8")              # store formats a packed hot set keeps (bf16 is its own packed form)
+PACKABLE = COMPACT_FORMATS              # store formats a packed hot set keeps (bf16 is its own packed form)
 
 
 def resolve_hot_set_format(requested: str, expert_format: str) -> str:
@@ -48,9 +48,9 @@ def resolve_hot_set_format(requested: str, expert_format: str) -> str:
                          "keeps every expert dequantized on the device: drop one of the two")
     if requested == "packed" and expert_format not in PACKABLE:
         raise ValueError(f"hot_set_format='packed' (--hot-set-format packed) keeps hot experts in their store "
-                         f"format, which needs int4 or fp8 experts, but these are {expert_format}: use "
-                         f"--hot-set-format auto or bf16, or convert the model with `hybrid-quant convert "
-                         f"--format int4` (or fp8)")
+                         f"format, which needs {' or '.join(PACKABLE)} experts, but these are {expert_format}: "
+                         f"use --hot-set-format auto or bf16, or convert the model to one of them (`hybrid-quant "
+                         f"convert --format {PACKABLE[0]}`)")
     return requested
 
 

@@ -7,11 +7,14 @@
         bf16: codes bf16 bits (int16) [r, c], no scales
 Each weight is code x scale in float32 (exact for INT4; the same IEEE product as numpy for FP8), rounded once
 to out's dtype: equal to the numpy references in quant/ bit for bit. Used by the dense layers kept packed on
-a device and by the packed hot set.
+a device and by the packed hot set (hybrid/runtime/expert_copy.py): the one torch decode dispatch, by format
+(_INTO, keyed by quant/formats.py's FORMAT_NAMES; every decoder takes the same arguments).
 """
 from __future__ import annotations
 
 import torch
+
+from quant.formats import FORMAT_NAMES, get_format
 
 FP8_BLOCK = 128
 INT4_BLOCK = 32
@@ -33,7 +36,7 @@ def int4_into(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: t
     return out
 
 
-def fp8_into(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def fp8_into(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
     r, c = out.shape
     B = FP8_BLOCK
     out.copy_(codes.view(torch.float8_e4m3fn))              # exact in float32 and bfloat16
@@ -44,14 +47,16 @@ def fp8_into(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> to
     return out
 
 
-def bf16_into(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def bf16_into(codes: torch.Tensor, scales: None, group_size: int, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(codes.view(torch.bfloat16))
+
+
+_INTO = {"int4": int4_into, "fp8": fp8_into, "bf16": bf16_into}     # group_size matters to int4 only
+assert tuple(_INTO) == FORMAT_NAMES, "one torch decoder per format of quant/formats.py"
 
 
 def decode_into(fmt: str, codes: torch.Tensor, scales: torch.Tensor | None, group_size: int,
                 out: torch.Tensor) -> torch.Tensor:
-    if fmt == "int4":
-        return int4_into(codes, scales, group_size, out)
-    if fmt == "fp8":
-        return fp8_into(codes, scales, out)
-    return bf16_into(codes, out)
+    """Matrix (codes, scales) in `fmt` decoded into out [r, c] (see the module docstring); returns out."""
+    get_format(fmt)
+    return _INTO[fmt](codes, scales, group_size, out)

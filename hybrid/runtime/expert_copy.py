@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpu_experts import bf16 as cpu_bf16, fp8 as cpu_fp8, int4 as cpu_int4
+from cpu_experts.paths import KERNELS
 from cpu_experts.pool import RowPool
 from hybrid.core.placement import packed_expert_bytes
-from hybrid.runtime.decode import bf16_into, fp8_into, int4_into
+from hybrid.runtime.decode import decode_into
+from quant.formats import get_format
 from quant.layout import MATRICES, make_layout, matrix_shape
 
 _TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.int16, "float32": torch.float32}   # uint16: bf16 bits
@@ -75,27 +76,16 @@ class PackedExpert:
     def nbytes(self) -> int:
         return self.blob.numel()
 
+    def scales(self, m: str) -> torch.Tensor | None:
+        """Matrix m's scales ("gate" -> the "gate_scale" view), or None for a format without scales."""
+        return self.sections[m + "_scale"] if get_format(self.spec.fmt).scale_dtype else None
+
 
 # ---- decoders: (p, matrix name, out [r, c], pool) -> None: out = LayerStore.dequantize's matrix in out.dtype;
-# pool: a RowPool for the Numba decoder's rows (None: the calling thread), unused by the torch one ----------
-def _int4_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    int4_into(p.sections[m], p.sections[m + "_scale"], p.spec.group_size, out)
-
-
-def _fp8_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    fp8_into(p.sections[m], p.sections[m + "_scale"], out)
-
-
-def _bf16_torch(p: PackedExpert, m: str, out: torch.Tensor) -> None:
-    bf16_into(p.sections[m], out)
-
-
-_TORCH = {"int4": _int4_torch, "fp8": _fp8_torch, "bf16": _bf16_torch}
-_NUMBA = {"int4": cpu_int4.dequant_rows, "fp8": cpu_fp8.dequant_rows, "bf16": cpu_bf16.dequant_rows}
-
-
+# pool: a RowPool for the Numba decoder's rows (None: the calling thread), unused by the torch one. Each
+# dispatches by format through its layer's one table: decode.py's decode_into, cpu_experts' KERNELS ----------
 def _torch_decode(p: PackedExpert, m: str, out: torch.Tensor, pool: RowPool | None = None) -> None:
-    _TORCH[p.spec.fmt](p, m, out)
+    decode_into(p.spec.fmt, p.sections[m], p.scales(m), p.spec.group_size, out)
 
 
 def _numba_decode(p: PackedExpert, m: str, out: torch.Tensor, pool: RowPool | None = None) -> None:
@@ -105,10 +95,11 @@ def _numba_decode(p: PackedExpert, m: str, out: torch.Tensor, pool: RowPool | No
     f32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
     args = (buf, buf.view(np.uint16), buf.view(np.float32), np.int64(p.nbytes), _layout(s).offsets,
             np.int64(s.hidden), np.int64(s.inter), np.int64(s.group_size), 0, MATRICES.index(m), 0, f32.numpy())
+    rows = KERNELS[s.fmt].plain.dequant_rows               # the portable kernels: any CPU, any shape
     if pool is None:
-        _NUMBA[s.fmt](*args[:-1], 0, out.shape[0], args[-1])
+        rows(*args[:-1], 0, out.shape[0], args[-1])
     else:
-        pool.run(_NUMBA[s.fmt], args, out.shape[0])
+        pool.run(rows, args, out.shape[0])
     if f32 is not out:
         out.copy_(f32)                                      # float32 -> dtype: the reference's one rounding
 
