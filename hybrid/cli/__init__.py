@@ -24,6 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The `hybrid` command: 0 on success, 2 with one line for an error the user can fix, 130 on Ctrl-C
+    (wherever it lands: while importing, parsing, loading or generating; never a traceback)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("hybrid: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv) -> int:
     from hybrid.core.config import ConfigError
     from hybrid.core.errors import NonFiniteOutput
     from quant.errors import CheckpointError
@@ -36,6 +46,3 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"hybrid: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hybrid: interrupted", file=sys.stderr)
-        return 130

@@ -86,3 +86,19 @@ def test_prompt_ids_with_an_empty_or_bad_entry_are_refused(text, words, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--prompt-ids" in err and words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["build_parser", "load"])
+def test_ctrl_c_while_starting_is_one_line_not_a_traceback(where, monkeypatch, capsys, tiny_models):
+    """Issue 28 item 14: Ctrl-C while `hybrid generate` starts (parsing, importing, loading) printed a
+    KeyboardInterrupt traceback."""
+    import hybrid.cli as cli
+    import hybrid.cli.engine_options as eo
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli if where == "build_parser" else eo, "build_parser" if where == "build_parser"
+                        else "load_engine", interrupt)
+    assert cli.main(["generate", "--model", str(tiny_models("k2", "fp8")), "--prompt-ids", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "hybrid: interrupted"
