@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import time
 import uuid
@@ -47,6 +48,8 @@ from hybrid.serve.sse import chat_body, chat_chunks, text_body, text_chunks
 from hybrid.serve.topk import TopK
 from hybrid.serve.worker import Job, QueueFull, Worker
 from hybrid.text.chat import encode_chat
+
+BIG_PROMPT_CHARS = 1_000_000     # prompts this long are tokenized on their own one-thread pool
 
 DEFAULT_MAX_BODY = 32 << 20    # K2's 128K-token context is ~0.5 MB of text; 32 MiB leaves room for tool schemas
 
@@ -125,6 +128,21 @@ class _Api:
         self.engine, self.worker, self.grammars = engine, worker, grammars
         self.name, self.max_body = name, max_body
         self.tok, self.created = engine.tokenizer, int(time.time())
+        # Prompts of over BIG_PROMPT_CHARS are tokenized here, one at a time, so they cannot fill the pool
+        # that every other request's tokenizing and grammar compiling run on.
+        self.big_prompts = ThreadPoolExecutor(1, thread_name_prefix="hybrid-big-prompts")
+
+    async def _tokenize(self, chars: int, param: str, fn, *args):
+        """fn(*args) off the event loop, after refusing (400) a text whose `chars` characters make more
+        tokens than the context holds even at the longest token's length (nothing is tokenized then)."""
+        at_least = -(-chars // self.tok.max_token_bytes)
+        if at_least > self.engine.max_context:
+            raise ApiError(400, f"This model's maximum context length is {self.engine.max_context} tokens, and "
+                                f"the {param} ({chars:,} characters) makes at least {at_least:,} tokens. Please "
+                                f"shorten it.", param, "context_length_exceeded")
+        if chars <= BIG_PROMPT_CHARS:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.big_prompts, lambda: fn(*args))
 
     async def health(self):
         running, waiting = self.worker.depth()
@@ -155,7 +173,7 @@ class _Api:
     async def completions(self, request: Request):
         req = parse_completion(await json_body(request, self.max_body), self.name)
         if isinstance(req.prompt, str):     # raw prompt: special-token names allowed, as K2's encode does
-            ids = await asyncio.to_thread(self.tok.encode, req.prompt, allow_special=True)
+            ids = await self._tokenize(len(req.prompt), "prompt", self.tok.encode, req.prompt, True)
         else:
             ids, vocab = req.prompt, self.engine.cfg.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
@@ -200,7 +218,8 @@ class _Api:
 
     async def _render(self, req: ChatRequest) -> list[int]:
         try:     # off the event loop: a long prompt takes a while to tokenize
-            return await asyncio.to_thread(encode_chat, self.tok, req.messages, req.tools)
+            return await self._tokenize(_content_chars(req.messages), "messages", encode_chat, self.tok,
+                                        req.messages, req.tools)
         except (TypeError, ValueError, KeyError) as e:
             raise ApiError(400, f"messages cannot be rendered with K2's chat template: {e}", "messages",
                            "invalid_value") from None
@@ -228,6 +247,19 @@ class _Api:
         grammar = self.grammars.compile(constraint) if constraint is not None else None
         return [((self.grammars.mask(grammar, max_new),) if grammar else ()) + ((TopK(gen.top_k),) if gen.top_k else ())
                 for _ in range(gen.n)]
+
+
+def _content_chars(messages: list[dict]) -> int:
+    """Characters of the messages' text content (strings, and text parts of part lists): all of it is
+    rendered into the prompt, so it bounds the prompt's length from below."""
+    n = 0
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            n += len(c)
+        elif isinstance(c, list):
+            n += sum(len(p["text"]) for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return n
 
 
 def _sse(events) -> StreamingResponse:

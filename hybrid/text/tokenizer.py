@@ -15,6 +15,8 @@ intersection: tiktoken's Rust regex supports it; Python's `regex` only with the 
 """
 from __future__ import annotations
 
+import functools
+
 import base64
 import binascii
 import codecs
@@ -181,6 +183,12 @@ class Tokenizer:
         self.eos_id = self.token_id(eos)
         self.im_end_id = self.token_id("<|im_end|>")
         self.stop_ids: tuple[int, ...] = (self.im_end_id, self.eos_id)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token's byte length: a text of n characters (>= n bytes) makes at least
+        n / max_token_bytes tokens, a bound that needs no tokenizing."""
+        return max(len(self._enc.decode_single_token_bytes(i)) for i in range(self.n_ranks))
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":

@@ -315,3 +315,20 @@ def test_tool_names_outside_the_pattern_are_refused_by_field(fake_server, path, 
     err = r.json()["error"]
     assert param in err["message"] and ("must match" in err["message"] or not name)
     assert len(engine.prompts) == n
+
+
+# ---- round 2, item 2: a prompt that cannot fit is refused before it is tokenized ----------------------
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
+def test_a_prompt_too_long_for_any_tokenization_is_refused_untokenized(fake_server, path, monkeypatch):
+    url, engine = fake_server
+    calls = []
+    real = type(engine.tokenizer).encode
+    monkeypatch.setattr(type(engine.tokenizer), "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    text = "ab " * (engine.max_context * engine.tokenizer.max_token_bytes)      # >= 3x the bound
+    body = {"model": MODEL, "max_tokens": 4, **({"prompt": text} if path == "/v1/completions" else
+                                                 {"messages": [{"role": "user", "content": text}]})}
+    r = httpx.post(url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "at least" in err["message"] and "context length" in err["message"]
+    assert calls == []                                   # nothing was tokenized
