@@ -55,6 +55,16 @@ def _per_layer(text: str, flag: str, grammar: str) -> float | None:
     return v
 
 
+def _read_common(cls, value, words: tuple[str, ...]):
+    """(the value when it is already parsed, an int of bytes or one of `words`, else None; the text to read)."""
+    if isinstance(value, cls):
+        return value, ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return cls("bytes", parse_size(value), str(value)), ""
+    text = str(value).strip()
+    return (cls(text, 0, text) if text in words else None), text
+
+
 @dataclass(frozen=True)
 class HotSetSize:
     """The hot-set size as asked (--gpu-expert-budget, gpu_expert_budget=): `amount` is bytes (kind "bytes"),
@@ -66,13 +76,9 @@ class HotSetSize:
     @classmethod
     def parse(cls, value: "HotSetSize | int | str") -> "HotSetSize":
         """A flag's text or a load() keyword (an int is bytes) -> HotSetSize; ValueError naming the grammar."""
-        if isinstance(value, HotSetSize):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return cls("bytes", parse_size(value), str(value))
-        text = str(value).strip()
-        if text == "auto":
-            return cls("auto", 0, text)
+        done, text = _read_common(cls, value, ("auto",))
+        if done is not None:
+            return done
         n = _per_layer(text, "--gpu-expert-budget", HOT_SET_GRAMMAR)
         if n is not None:
             if n != int(n):
@@ -145,13 +151,9 @@ class TransferBudget:
     @classmethod
     def parse(cls, value: "TransferBudget | int | str") -> "TransferBudget":
         """A flag's text or a load() keyword (an int is bytes) -> TransferBudget; ValueError naming the grammar."""
-        if isinstance(value, TransferBudget):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return cls("bytes", parse_size(value), str(value))
-        text = str(value).strip()
-        if text in ("auto", "unlimited"):
-            return cls(text, 0, text)
+        done, text = _read_common(cls, value, ("auto", "unlimited"))
+        if done is not None:
+            return done
         n = _per_layer(text, "--transfer-budget", TRANSFER_GRAMMAR)
         if n is not None:
             return cls("per_layer", n, text)
