@@ -214,8 +214,9 @@ def cmd_plan(a) -> int:
     dense = DenseLayers(a.dense, m.dense_decoded, {f: decoded_product_bytes(f, m.dtype_bytes) for f in FORMAT_NAMES},
                         m.dtype_bytes)
     policies = tuple(x for x in a.policies.split(",") if x)
-    plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.gpu_expert_budget,
-                                 prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=a.transfer_budget,
+    plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace,
+                                 hot_set=a.gpu_expert_budget, prompt_tokens=parse_tokens(a.prompt_tokens),
+                                 policies=policies, transfer=a.transfer_budget,
                                  assumptions=render([routing, *machine_notes, copies, dense]), trace_label=routing.label(),
                                  hot_set_format=a.hot_set_format, dense=a.dense))
     print(json.dumps(_finite(plan.to_json()), indent=1) if a.json else plan.describe())

@@ -232,7 +232,8 @@ def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_fo
                    devices: tuple[str, ...] = (), dense_format: str = "torch") -> PlacementPlan:
     """Decide the placement. gpu_expert_budget: a HotSetSize, or its text / an int of bytes (HotSetSize.parse:
     "2GiB" all devices together, "25%", "38/layer", "auto"); the hot set gets that much, capped by what the
-    devices have left after dense weights and KV (and, packed, one decode buffer each). hot_set_format: auto | packed | bf16 (resolve_hot_set_format).
+    devices have left after dense weights and KV (and, packed, one decode buffer each). hot_set_format: auto |
+    packed | bf16 (resolve_hot_set_format).
     devices: the device map by name (default: `device` alone), each offering device_memory bytes; the layers
     are split over them as `hybrid plan` splits them (hybrid.core.device_map.place). dense_format: the
     runtime's dense choice (DeviceBytes.of; default torch, the dense part in the compute dtype); a CUDA device

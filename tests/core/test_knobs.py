@@ -87,5 +87,6 @@ def test_dense_auto_is_resolved_once():
     assert resolve_dense("auto", "torch", None).run == "torch"
     assert resolve_dense("auto", "fp8", None) == resolve_dense("auto", "fp8", "checkpoint")
     assert resolve_dense("auto", "fp8", None).counted == "auto"
-    assert resolve_dense("auto", "int4", "int4").run == "auto" and resolve_dense("auto", "int4", "int4").counted == "int4"
+    store = resolve_dense("auto", "int4", "int4")
+    assert store.run == "auto" and store.counted == "int4"
     assert resolve_dense("bf16", "torch", "int4").counted == "bf16"
