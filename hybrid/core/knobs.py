@@ -25,7 +25,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 _PER_LAYER = "/layer"
 
 HOT_SET_GRAMMAR = ("bytes on the device(s), e.g. 2GiB (plain digits: bytes); a share of each MoE layer's routed "
-                   "experts, e.g. 25%%; experts per MoE layer, e.g. 38/layer; or auto (all device memory left)")
+                   "experts, e.g. 25%; experts per MoE layer, e.g. 38/layer; or auto (all device memory left)")
 TRANSFER_GRAMMAR = ("auto (one copy per MoE layer every 16 tokens); bytes per token over all MoE layers, e.g. "
                     "64MiB (plain digits: bytes); copies per token per MoE layer, e.g. 0.25/layer; or unlimited")
 
@@ -95,8 +95,7 @@ class HotSetSize:
         try:
             return cls("bytes", parse_size(text), text)
         except ValueError:
-            raise ValueError(f"cannot read --gpu-expert-budget {text!r}; write {HOT_SET_GRAMMAR}".replace("%%", "%")
-                             ) from None
+            raise ValueError(f"cannot read --gpu-expert-budget {text!r}; write {HOT_SET_GRAMMAR}") from None
 
     @classmethod
     def experts(cls, n: int) -> "HotSetSize":

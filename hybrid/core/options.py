@@ -93,8 +93,8 @@ class RuntimeOptions:
     experts: str = _opt("auto", "routed-expert format on the CPU (auto = the checkpoint's own: fp8 for the "
                                 "official release; torch = every expert dequantized on the device, the reference)",
                         EXPERT_CHOICES)
-    gpu_expert_budget: HotSetSize | int | str = _opt(0, f"device hot-set size: {HOT_SET_GRAMMAR}; 0 = no hot "
-                                                        f"set", cli_type=flag_parser(HotSetSize.parse),
+    gpu_expert_budget: HotSetSize | int | str = _opt(0, "device hot-set size: " + HOT_SET_GRAMMAR.replace("%", "%%")
+                                                     + "; 0 = no hot set", cli_type=flag_parser(HotSetSize.parse),
                                                      metavar="SIZE")
     hot_set_format: str = _opt("auto", "how hot-set experts are kept on the device: packed = in the store's "
                                        "format (INT4 or FP8 codes + scales, 3.6x smaller than bf16 for INT4), "
