@@ -65,6 +65,14 @@ def _read_common(cls, value, words: tuple[str, ...]):
     return (cls(text, 0, text) if text in words else None), text
 
 
+def _bytes(cls, text: str, flag: str, grammar: str):
+    """The last reading of a knob's text: a byte size, else a ValueError naming the flag's whole grammar."""
+    try:
+        return cls("bytes", parse_size(text), text)
+    except ValueError:
+        raise ValueError(f"cannot read {flag} {text!r}; write {grammar}") from None
+
+
 @dataclass(frozen=True)
 class HotSetSize:
     """The hot-set size as asked (--gpu-expert-budget, gpu_expert_budget=): `amount` is bytes (kind "bytes"),
@@ -92,10 +100,7 @@ class HotSetSize:
             if not 0 <= share <= 1:
                 raise ValueError(f"--gpu-expert-budget {text!r}: a share lies in 0%..100%, e.g. 25%")
             return cls("share", share, text)
-        try:
-            return cls("bytes", parse_size(text), text)
-        except ValueError:
-            raise ValueError(f"cannot read --gpu-expert-budget {text!r}; write {HOT_SET_GRAMMAR}") from None
+        return _bytes(cls, text, "--gpu-expert-budget", HOT_SET_GRAMMAR)
 
     @classmethod
     def experts(cls, n: int) -> "HotSetSize":
@@ -156,10 +161,7 @@ class TransferBudget:
         n = _per_layer(text, "--transfer-budget", TRANSFER_GRAMMAR)
         if n is not None:
             return cls("per_layer", n, text)
-        try:
-            return cls("bytes", parse_size(text), text)
-        except ValueError:
-            raise ValueError(f"cannot read --transfer-budget {text!r}; write {TRANSFER_GRAMMAR}") from None
+        return _bytes(cls, text, "--transfer-budget", TRANSFER_GRAMMAR)
 
     @classmethod
     def copies(cls, per_layer: float) -> "TransferBudget":
