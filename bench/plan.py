@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     import hybrid
     from hybrid.plan.calibrate import calibrate, load_calibration
     from hybrid.plan.hardware import local_machine
-    from hybrid.plan.planner import AUTO_TRANSFER, PlanRequest, make_plan
+    from hybrid.core.knobs import HotSetSize, TransferBudget
+    from hybrid.plan.planner import PlanRequest, make_plan
     from hybrid.profile.report import write_placement
     from hybrid.profile.trace import record
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
@@ -62,9 +63,9 @@ def main(argv=None) -> None:
                 place = work / f"placement-{budget.rstrip('%')}.json"
                 write_placement(place, trace, float(budget.rstrip("%")) / 100)
             got = run(a.model, 0 if pol == "none" else budget, pol, ps, a.new_tokens, a.threads, place)
-            plan = make_plan(PlanRequest(cfg, str(a.model), machine, "fp8", context, trace, hot_set=got["capacity"],
-                                         prompt_tokens=a.prompt_tokens, policies=() if pol == "none" else (pol,),
-                                         transfer=AUTO_TRANSFER))
+            plan = make_plan(PlanRequest(cfg, str(a.model), machine, "fp8", context, trace,
+                                         hot_set=HotSetSize.experts(got["capacity"]), prompt_tokens=a.prompt_tokens,
+                                         policies=() if pol == "none" else (pol,), transfer=TransferBudget("auto")))
             row = plan.rows[-1]
             pred = row["decode_full_context"]["seconds"]          # at `context`: the mean KV length of decode
             pred_loads = (row["decode_copies_per_token_layer"] * a.new_tokens +

@@ -87,32 +87,41 @@ def cmd_verify(a) -> int:
     return 0 if report["ok"] else 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `hybrid-quant` parser: inspect, export-gguf, convert, verify (each sets func)."""
     p = argparse.ArgumentParser(prog="hybrid-quant", description="Inspect and convert K2 / DeepSeek-V3 checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="tensor counts, dtypes and sizes of a checkpoint folder")
-    i.add_argument("dir", type=Path)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("dir", type=Path, help="an HF checkpoint folder or a converted expert store")
+    i.add_argument("--json", action="store_true", help="print the report as one JSON object")
     i.set_defaults(func=cmd_inspect)
     from .gguf_export import add_export_parser
     add_export_parser(sub)
     c = sub.add_parser("convert", help="convert an HF checkpoint into the expert store (resumable)")
     c.add_argument("--input", type=Path, required=True, help="HF model folder: BF16, block-FP8 or compressed-tensors INT4")
     c.add_argument("--output", type=Path, required=True, help="new or empty folder (or an interrupted conversion)")
-    c.add_argument("--format", required=True, choices=FORMAT_NAMES)
+    c.add_argument("--format", required=True, choices=FORMAT_NAMES,
+                   help="format of the routed experts in the store (int4: 4-bit groups, the smallest; fp8: the "
+                        "official release's own bytes; bf16)")
     c.add_argument("--dense", choices=FORMAT_NAMES, default=None,
                    help="format of the dense linear weights (attention, shared experts, dense MLPs, lm_head); "
                         "default: as the checkpoint stores them")
     c.add_argument("--group-size", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
-    c.add_argument("--threads", type=int, default=1, help="MoE layers converted at once (each holds one layer's reads)")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--threads", type=int, default=1, help="MoE layers converted at once (each holds one layer's reads; "
+                                                                   "default 1)")
+    c.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
     c.set_defaults(func=cmd_convert)
     v = sub.add_parser("verify", help="check a converted store's checksums (and numbers against the source)")
-    v.add_argument("dir", type=Path)
+    v.add_argument("dir", type=Path, help="the converted store to check")
     v.add_argument("--against", type=Path, help="the source checkpoint: compare a sample of experts numerically")
-    v.add_argument("--samples", type=int, default=4, help="experts per MoE layer compared with --against")
+    v.add_argument("--samples", type=int, default=4, help="experts per MoE layer compared with --against "
+                                                                     "(default 4)")
     v.set_defaults(func=cmd_verify)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:

@@ -8,12 +8,14 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hybrid.cli.engine_options import HelpFormatter
     from hybrid.cli.generate import add_generate_parser
     from hybrid.cli.make_tiny import add_make_tiny_parser
     from hybrid.cli.plan import add_plan_parser
     from hybrid.cli.profile import add_profile_parser
     from hybrid.cli.serve import add_serve_parser
-    p = argparse.ArgumentParser(prog="hybrid", description="Run Kimi K2 / DeepSeek-V3 with routed experts in host RAM.")
+    p = argparse.ArgumentParser(prog="hybrid", description="Run Kimi K2 / DeepSeek-V3 with routed experts in host RAM.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_make_tiny_parser(sub)

@@ -5,8 +5,10 @@ import argparse
 import json
 import sys
 
-from hybrid.cli.engine_options import add_engine_options, load_engine
+from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine
 from hybrid.core.sampling import SamplingParams
+
+DEFAULT_PROMPT = "Hello!"
 
 
 def _ids(text: str) -> list[int]:
@@ -22,17 +24,19 @@ def _ids(text: str) -> list[int]:
 
 
 def add_generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="generate text or token ids")
+    g = add_parser(sub, "generate", help="generate text or token ids")
     add_engine_options(g)
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (rendered with the K2 chat template unless --raw)")
+    src.add_argument("--prompt", help=f"prompt text (rendered with the K2 chat template unless --raw; default: "
+                                      f"{DEFAULT_PROMPT!r})")
     src.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     g.add_argument("--raw", action="store_true", help="encode --prompt as plain text, without the chat template")
     g.add_argument("--system", help="system prompt for the chat template (default: K2's)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate after the prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
+                                                           "this probability mass (1 = all)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: none, a fresh draw each run)")
     g.add_argument("--json", action="store_true", help='print {"tokens", "text", "stats"} as one JSON object')
     g.set_defaults(func=cmd_generate)
 
@@ -43,7 +47,7 @@ def _prompt_ids(a, tok, model_dir) -> list[int]:
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer files (tiktoken.model, tokenizer_config.json); "
                          f"pass --prompt-ids instead of --prompt")
-    text = a.prompt if a.prompt is not None else "Hello!"
+    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     if a.raw:
         return tok.encode(text)
     from hybrid.text.chat import DEFAULT_SYSTEM, encode_chat

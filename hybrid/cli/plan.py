@@ -1,7 +1,8 @@
 """`hybrid plan`: will a model run on a machine, where does each part live, and how fast will it go.
 
     hybrid plan --config kimi-k2 --gpus 4xA100-80GB --cpu 2xsapphire-rapids --ram 1TiB [--format int4]
-                [--context 32k] [--trace TRACE] [--hot-set auto|10%|N] [--hot-set-format auto|packed|bf16]
+                [--context 32k] [--trace TRACE] [--gpu-expert-budget auto|10%|38/layer|2GiB]
+                [--hot-set-format auto|packed|bf16] [--transfer-budget auto|0.25/layer|64MiB]
                 [--dense auto|torch|int4|fp8|bf16] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
     hybrid plan --calibrate                                 measure this machine (about a minute)
@@ -21,11 +22,12 @@ SYNTH_REQUESTS = 32      # the workload the synthetic generator was calibrated o
 
 
 def add_plan_parser(sub) -> None:
+    from hybrid.cli.engine_options import add_deprecated, add_option, add_parser
     from hybrid.core.options import DENSE_CHOICES
     from hybrid.core.placement import HOT_SET_FORMATS
     from hybrid.plan.hardware import GPUS, HOSTS
-    p = sub.add_parser("plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
-                       description=__doc__.split("\n\n")[0])
+    p = add_parser(sub, "plan", help="what fits where, and predicted prefill/decode tokens/s on given hardware",
+                   description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="kimi-k2", help="kimi-k2 | deepseek-v3 | a model folder (default kimi-k2)")
     p.add_argument("--gpus", help=f"COUNTxNAME, e.g. 4xA100-80GB; names: {', '.join(GPUS)}")
     p.add_argument("--machine", choices=["local"], help="this machine as `hybrid plan --calibrate` measured it")
@@ -42,8 +44,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--context", default="32k", help="tokens of KV cache to reserve, e.g. 32k (default 32k)")
     p.add_argument("--prompt-tokens", default="4096", help="prompt length for prefill and decode predictions")
     p.add_argument("--trace", type=Path, help="routing trace (hybrid profile record/import/synth); default: synthetic")
-    p.add_argument("--hot-set", default="auto", help="experts per MoE layer on the GPUs: auto (all free memory), "
-                                                     "a share such as 10%%, or a count")
+    add_option(p, "gpu_expert_budget", default="auto", note=" (bytes: all GPUs together)")
+    add_deprecated(p, "--hot-set", "--gpu-expert-budget", hot_set_as_budget)
     p.add_argument("--hot-set-format", default="auto", choices=["auto", *HOT_SET_FORMATS],
                    help="hot experts kept packed (decoded per use) or dequantized, as the runtime's flag "
                         "(auto: bf16)")
@@ -52,8 +54,9 @@ def add_plan_parser(sub) -> None:
                         "(fp8 for Kimi K2's release), kept packed on the GPU and dequantized per use; torch = kept in the "
                         "compute dtype (more memory, less traffic per product)")
     p.add_argument("--policies", default="static,lru,lfu,router", help="comma-separated prefetch policies to predict")
-    p.add_argument("--transfer-budget", default="auto",
-                   help="hot-set copies per token per MoE layer (auto = 1/16, as the runtime)")
+    add_option(p, "transfer_budget", note=" (a bare number such as 0.5 is read as 0.5/layer, with a "
+                                          "deprecation warning, for one release)")
+    _legacy_transfer(p)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any machine figure: dram_efficiency, numa_efficiency, hbm_efficiency, mfu, serial, "
                         "stage, moe_layer_s, dense_layer_s, token_s, gpu_reserve, host_reserve, overlap, "
@@ -171,18 +174,27 @@ def trace_source(a, cfg) -> tuple:
             Routing(None, SYNTH_REQUESTS))
 
 
-def parse_transfer(text: str) -> float:
-    from hybrid.plan.planner import AUTO_TRANSFER
-    if text == "auto":
-        return AUTO_TRANSFER
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v >= 0:
-        raise ValueError(f"--transfer-budget wants auto or a number of copies per token per MoE layer >= 0 "
-                         f"(the runtime's auto is 1/16 = 0.0625), got {text!r}")
-    return v
+def hot_set_as_budget(text: str) -> str:
+    """The deprecated --hot-set (auto, 10% or experts per layer) in --gpu-expert-budget's grammar."""
+    t = text.strip()
+    return f"{t}/layer" if t.isdigit() else t
+
+
+def _legacy_transfer(p) -> None:
+    """plan's --transfer-budget counted copies per token per MoE layer as a bare number (0.5); for one release
+    such a number still means that, with a warning, instead of bytes per token (the runtime's reading)."""
+    action = next(a for a in p._actions if a.dest == "transfer_budget")
+    parse = action.type
+
+    def transfer_budget(text: str):
+        t = text.strip()
+        if t.replace(".", "", 1).isdigit():
+            print(f"hybrid: warning: plan's --transfer-budget {t} (copies per token per MoE layer) is deprecated; "
+                  f"write --transfer-budget {t}/layer (a bare number will mean bytes per token, as in generate "
+                  f"and serve)", file=sys.stderr)
+            t = f"{t}/layer"
+        return parse(t)
+    action.type = transfer_budget
 
 
 def cmd_plan(a) -> int:
@@ -196,15 +208,15 @@ def cmd_plan(a) -> int:
     cfg, label = resolve_config(a.config)
     packed = resolve_hot_set_format(a.hot_set_format, a.format) == "packed"
     m, machine_notes = build_machine(a, cfg)
-    transfer = parse_transfer(a.transfer_budget)
     trace, routing = trace_source(a, cfg)
     e_params = cfg.moe_intermediate_size * cfg.hidden_size * 3
     copies = HotSetCopies(None if m.packed_copies else e_params / m.dequantize[a.format], packed)
     dense = DenseLayers(a.dense, m.dense_decoded, {f: decoded_product_bytes(f, m.dtype_bytes) for f in FORMAT_NAMES},
                         m.dtype_bytes)
     policies = tuple(x for x in a.policies.split(",") if x)
-    plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace, hot_set=a.hot_set,
-                                 prompt_tokens=parse_tokens(a.prompt_tokens), policies=policies, transfer=transfer,
+    plan = make_plan(PlanRequest(cfg, label, m, a.format, parse_tokens(a.context), trace,
+                                 hot_set=a.gpu_expert_budget, prompt_tokens=parse_tokens(a.prompt_tokens),
+                                 policies=policies, transfer=a.transfer_budget,
                                  assumptions=render([routing, *machine_notes, copies, dense]), trace_label=routing.label(),
                                  hot_set_format=a.hot_set_format, dense=a.dense))
     print(json.dumps(_finite(plan.to_json()), indent=1) if a.json else plan.describe())

@@ -4,7 +4,8 @@
     hybrid profile record --model DIR --prompts FILE --out DIR [--max-new-tokens N] [--no-report]
     hybrid profile synth --config kimi-k2 --out DIR [--requests R --prompt-tokens P --new-tokens D --seed S]
     hybrid profile import FILE --config kimi-k2|MODEL_DIR --out DIR [--format sglang|routed-experts]
-    hybrid profile analyze TRACE --out DIR [--budget 10%] [--replay-layers 4] [--loads-per-token X]
+    hybrid profile analyze TRACE --out DIR [--gpu-expert-budget 10%|38/layer] [--replay-layers 4]
+                                           [--transfer-budget unlimited|0.25/layer]
                                            [--model DIR]  (checks that the trace is from that model)
 Every action but analyze writes DIR/trace.npz and then (unless --no-report) the report into DIR.
 Prompt files: plain text, one prompt per line (rendered with K2's chat template unless --raw); or JSONL
@@ -19,61 +20,93 @@ import math
 import sys
 from pathlib import Path
 
+from hybrid.cli.engine_options import HelpFormatter, add_deprecated, add_option, add_parser
+
 _S = argparse.SUPPRESS
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     """Add `profile` (with sub-actions record, synth, import, analyze) to a `hybrid` subparsers object."""
-    p = subparsers.add_parser("profile", help="routing traces, hot-set what-ifs, plots, placement files",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(subparsers, "profile", help="routing traces, hot-set what-ifs, plots, placement files",
+                   description=__doc__)
     _record_args(p, default=True)
-    acts = p.add_subparsers(dest="action")
-    _record_args(acts.add_parser("record", help="run prompts through a model and record its routing"), False)
-    s = acts.add_parser("synth", help="a synthetic trace with a real model's routing shape")
+    acts = p.add_subparsers(dest="action", help="what to do (default: record)")
+    _record_args(add_parser(acts, "record", help="run prompts through a model and record its routing"), False)
+    s = add_parser(acts, "synth", help="a synthetic trace with a real model's routing shape")
     s.add_argument("--config", default="kimi-k2", help="kimi-k2 | deepseek-v3 | a model folder")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--requests", type=int, default=32)
-    s.add_argument("--prompt-tokens", type=int, default=768)
-    s.add_argument("--new-tokens", type=int, default=256)
-    s.add_argument("--layers", type=int, help="only the first N MoE layers (quick looks)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True, help="output folder (trace.npz and the report)")
+    s.add_argument("--requests", type=int, default=32, help="requests to synthesize")
+    s.add_argument("--prompt-tokens", type=int, default=768, help="prompt tokens per request")
+    s.add_argument("--new-tokens", type=int, default=256, help="decoded tokens per request")
+    s.add_argument("--layers", type=int, help="only the first N MoE layers (quick looks; default: all)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the synthetic routing")
     _analysis_args(s, default=False)
-    i = acts.add_parser("import", help="import SGLang routing (recorder dump .pt, or return_routed_experts JSONL)")
-    i.add_argument("file", type=Path)
+    i = add_parser(acts, "import", help="import SGLang routing (recorder dump .pt, or return_routed_experts JSONL)")
+    i.add_argument("file", type=Path, help="the SGLang dump (.pt) or return_routed_experts file (.jsonl/.json)")
     i.add_argument("--config", required=True, help="kimi-k2 | deepseek-v3 | a model folder (the served model)")
-    i.add_argument("--format", choices=["auto", "sglang", "routed-experts"], default="auto")
-    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--format", choices=["auto", "sglang", "routed-experts"], default="auto",
+                   help="the file's kind (auto: routed-experts for .jsonl/.json, else sglang)")
+    i.add_argument("--out", type=Path, required=True, help="output folder (trace.npz and the report)")
     _analysis_args(i, default=False)
-    a = acts.add_parser("analyze", help="report, plots and placement for a trace")
-    a.add_argument("trace", type=Path)
-    a.add_argument("--out", type=Path, required=True)
+    a = add_parser(acts, "analyze", help="report, plots and placement for a trace")
+    a.add_argument("trace", type=Path, help="trace.npz written by record, synth or import")
+    a.add_argument("--out", type=Path, required=True, help="output folder for the report")
     a.add_argument("--model", type=Path, help="check that the trace matches this model folder")
     _analysis_args(a, report_flag=False, default=False)
     p.set_defaults(func=cmd_profile)
     return p
 
 
+def _defaults(default: bool):
+    """(value -> the flag's default, value -> help note): the parser's own defaults, or, on a sub-action, none
+    (argparse would reset what was given before the action to them; the parent's apply) named in the help."""
+    if default:
+        return (lambda v: v), (lambda v: "")
+    return (lambda v: _S), (lambda v: f" (default: {v})")
+
+
 def _record_args(p, default: bool) -> None:
-    d = (lambda v: v) if default else (lambda v: _S)    # sub-action values must not be reset by the parent
+    d, shown = _defaults(default)
     p.add_argument("--model", type=Path, default=d(None), help="model folder (default: the bundled tiny model)")
     p.add_argument("--prompts", type=Path, default=d(None), help="text (one prompt per line) or JSONL")
     p.add_argument("--out", type=Path, default=d(None), help="output folder")
-    p.add_argument("--max-new-tokens", type=int, default=d(32))
+    p.add_argument("--max-new-tokens", type=int, default=d(32), help="tokens to generate per prompt" + shown(32))
     p.add_argument("--raw", action="store_true", default=d(False), help="encode text prompts without the chat template")
-    p.add_argument("--device", default=d("auto"))
-    p.add_argument("--experts", default=d("auto"))
+    add_option(p, "device", default=d("auto"), note=shown("auto"))
+    add_option(p, "experts", default=d("auto"), note=shown("auto"))
     _analysis_args(p, default=default)
 
 
 def _analysis_args(p, report_flag: bool = True, default: bool = True) -> None:
-    d = (lambda v: v) if default else (lambda v: _S)
-    p.add_argument("--budget", default=d("10%"), help="placement size: 10%%, 0.1, or experts per layer (38)")
-    p.add_argument("--replay-layers", type=int, default=d(4),
-                   help="layers to replay policies on, evenly spaced (0 = all); ~13 s per layer per 32k K2 tokens")
-    p.add_argument("--loads-per-token", type=float, default=d(math.inf),
-                   help="transfer budget in experts per token per layer for the replay (default unlimited)")
+    d, shown = _defaults(default)
+    add_option(p, "gpu_expert_budget", default=d("10%"), note=" -- here the placement's size: a share or experts "
+               "per layer (a trace knows no bytes)" + shown("10%%"))
+    add_deprecated(p, "--budget", "--gpu-expert-budget", budget_as_hot_set)
+    p.add_argument("--replay-layers", type=int, default=d(4), help="layers to replay policies on, evenly spaced "
+                   "(0 = all); ~13 s per layer per 32k K2 tokens" + shown(4))
+    add_option(p, "transfer_budget", default=d("unlimited"), note=" -- here the replay's: auto, copies per layer "
+               "or unlimited (a trace knows no bytes)" + shown("unlimited"))
+    add_deprecated(p, "--loads-per-token", "--transfer-budget", loads_as_transfer)
     if report_flag:
         p.add_argument("--no-report", action="store_true", default=d(False), help="write the trace only")
+
+
+def budget_as_hot_set(text: str) -> str:
+    """The deprecated --budget (10%, a fraction 0.1, or experts per layer 38) in --gpu-expert-budget's grammar."""
+    t = text.strip()
+    if t.endswith("%"):
+        return t
+    try:
+        v = float(t)
+    except ValueError:
+        return t                                     # the new flag's parser names the grammar
+    return f"{int(v)}/layer" if v >= 1 and v == int(v) else f"{100 * v:g}%"
+
+
+def loads_as_transfer(text: str) -> str:
+    """The deprecated --loads-per-token X (experts per token per layer) in --transfer-budget's grammar."""
+    t = text.strip()
+    return "unlimited" if t in ("inf", "infinity") else f"{t}/layer"
 
 
 def cmd_profile(args) -> int:
@@ -102,8 +135,12 @@ def cmd_profile(args) -> int:
 def _analyze(trace, args) -> int:
     from hybrid.profile.analysis import analyze, n_of
     from hybrid.profile.report import write_report
-    frac = parse_budget(args.budget, trace.model.n_experts)
-    res = analyze(trace, max_layers=args.replay_layers or None, loads_per_token=args.loads_per_token)
+    frac = args.gpu_expert_budget.share(trace.model.n_experts)
+    if frac <= 0:
+        raise ValueError(f"--gpu-expert-budget {args.gpu_expert_budget}: a placement needs at least one expert "
+                         f"per layer; give e.g. 10% or 38/layer")
+    res = analyze(trace, max_layers=args.replay_layers or None,
+                  loads_per_token=args.transfer_budget.copies_per_layer())
     files = write_report(trace, res, args.out, frac)
     cov = res["coverage"]
     print(f"top 10 % of experts cover {100 * cov['global'][0.10]:.1f} % of activations by global frequency"
@@ -111,20 +148,6 @@ def _analyze(trace, args) -> int:
     print(f"wrote {files['report']} and {len(files) - 1} more files "
           f"(placement: {n_of(frac, trace.model.n_experts)} experts per layer)")
     return 0
-
-
-def parse_budget(text: str, n_experts: int) -> float:
-    """'10%' -> 0.1, '0.1' -> 0.1, '38' -> 38 / n_experts."""
-    t = str(text).strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise ValueError(f"--budget {text!r}: give a percentage (10%), a fraction (0.1) or experts per layer (38)")
-    if not t.endswith("%") and v >= 1 and v == int(v):
-        v = v / n_experts
-    if not 0 < v <= 1:
-        raise ValueError(f"--budget {text!r} is outside (0, 100 %] of the {n_experts} experts per layer")
-    return v
 
 
 def _config(model_dir: Path):
@@ -216,7 +239,7 @@ def _record(args):
 
 def main(argv=None) -> int:
     """Standalone entry (python -m hybrid.cli.profile ...): `hybrid profile` with the same arguments."""
-    p = argparse.ArgumentParser(prog="hybrid")
+    p = argparse.ArgumentParser(prog="hybrid", formatter_class=HelpFormatter)
     add_profile_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
     return _run(args)

@@ -12,14 +12,14 @@ import sys
 
 import uvicorn
 
-from hybrid.cli.engine_options import add_engine_options, load_engine, runtime_options
+from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine, runtime_options
 from hybrid.serve.app import DEFAULT_MAX_BODY, create_app
 from hybrid.serve.auth import API_KEY_ENV
 
 
 def add_serve_parser(subparsers) -> None:
     """Add `serve` to the `hybrid` command line (sets func=cmd_serve)."""
-    s = subparsers.add_parser("serve", help="serve the model over OpenAI- and Anthropic-compatible HTTP APIs")
+    s = add_parser(subparsers, "serve", help="serve the model over OpenAI- and Anthropic-compatible HTTP APIs")
     add_engine_options(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
@@ -32,7 +32,8 @@ def add_serve_parser(subparsers) -> None:
                    help="largest request body accepted (413 above)")
     s.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on Ctrl-C, how long running requests may finish; then their streams end with an error event")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the HTTP server's log level")
     s.set_defaults(func=cmd_serve)
 
 

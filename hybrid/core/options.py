@@ -6,12 +6,14 @@ for gpu_expert_budget), with the help text, choices and type written here beside
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from quant.formats import FORMAT_NAMES
 
+from hybrid.core.knobs import HOT_SET_GRAMMAR, TRANSFER_GRAMMAR, HotSetSize, TransferBudget, parse_size
 from hybrid.core.placement import HOT_SET_FORMATS, resolve_hot_set_format
 
 EXPERT_FORMATS = FORMAT_NAMES
@@ -33,8 +35,36 @@ def _on_off(text: str) -> bool:
 
 
 def _size(text: str) -> int | str:
-    """A flag's size: plain digits become an int of bytes; '2GiB' or '25%' stay text for the parser."""
+    """A flag's memory size: plain digits become an int of bytes; '20GiB' stays text (checked in __post_init__)."""
     return int(text) if text.isdigit() else text
+
+
+def flag_parser(parse):
+    """`parse` (text -> value, ValueError naming the grammar) as an argparse type: the message reaches the user
+    as it is written, instead of argparse's "invalid value"."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+@dataclass(frozen=True)
+class DenseChoice:
+    """The dense knob resolved (resolve_dense): `run` is what the loader builds (torch | auto | int4 | fp8 |
+    bf16; auto = each linear in its stored format), `counted` what the placement sizes (a store's own format
+    for auto)."""
+    run: str
+    counted: str
+
+
+def resolve_dense(requested: str, experts: str, stored: str | None) -> DenseChoice:
+    """The one resolution of dense="auto": the float reference (torch) with experts="torch", else the
+    checkpoint's own formats, which a converted store names (`stored`, its manifest's dense_format)."""
+    run = "torch" if requested == "auto" and experts == "torch" else requested
+    return DenseChoice(run, stored if run == "auto" and stored in FORMAT_NAMES else run)
 
 
 def _check_devices(device: str, devices: str | None) -> None:
@@ -63,8 +93,9 @@ class RuntimeOptions:
     experts: str = _opt("auto", "routed-expert format on the CPU (auto = the checkpoint's own: fp8 for the "
                                 "official release; torch = every expert dequantized on the device, the reference)",
                         EXPERT_CHOICES)
-    gpu_expert_budget: int | str = _opt(0, "device hot-set size: bytes, e.g. 2GiB, or a share of all routed "
-                                           "experts, e.g. 25%% (0 = no hot set)", cli_type=_size)
+    gpu_expert_budget: HotSetSize | int | str = _opt(0, "device hot-set size: " + HOT_SET_GRAMMAR.replace("%", "%%")
+                                                     + "; 0 = no hot set", cli_type=flag_parser(HotSetSize.parse),
+                                                     metavar="SIZE")
     hot_set_format: str = _opt("auto", "how hot-set experts are kept on the device: packed = in the store's "
                                        "format (INT4 or FP8 codes + scales, 3.6x smaller than bf16 for INT4), "
                                        "decoded per use into one reused buffer | bf16 = dequantized to the "
@@ -73,8 +104,9 @@ class RuntimeOptions:
     prefetch: str = _opt("auto", "hot-set policy (auto = router when the budget is non-zero)", PREFETCH_CHOICES)
     placement: str | Path | None = _opt(None, "placement.json for --prefetch static (hybrid profile writes one)",
                                         cli_type=Path)
-    transfer_budget: int | str = _opt("auto", "bytes per token the hot set may copy to the device (auto: 1/16 "
-                                              "expert per layer)", cli_type=_size)
+    transfer_budget: TransferBudget | int | str = _opt("auto", f"how much the hot set may copy to the device: "
+                                                               f"{TRANSFER_GRAMMAR}",
+                                                       cli_type=flag_parser(TransferBudget.parse), metavar="BUDGET")
     threads: int | None = _opt(None, "CPU threads for the expert kernels and host-side torch (default: physical "
                                      "cores)", cli_type=int)
     context: int | None = _opt(None, "tokens of KV cache the placement reserves (default: min(max_position_"
@@ -98,6 +130,10 @@ class RuntimeOptions:
                               cli_type=_on_off, metavar="on|off")
 
     def __post_init__(self):
+        object.__setattr__(self, "gpu_expert_budget", HotSetSize.parse(self.gpu_expert_budget))
+        object.__setattr__(self, "transfer_budget", TransferBudget.parse(self.transfer_budget))
+        if self.gpu_memory is not None:
+            parse_size(self.gpu_memory)
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -115,6 +151,14 @@ class RuntimeOptions:
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False (on/off on the command line), "
                              f"got {self.prefix_cache!r}")
+
+    @property
+    def hot_set_policy(self) -> str | None:
+        """The one reading of prefetch: None when there is no hot set to fill (prefetch="off"), else the
+        policy's name (auto: router)."""
+        if self.prefetch == "off":
+            return None
+        return "router" if self.prefetch == "auto" else self.prefetch
 
     @classmethod
     def signature(cls) -> list[inspect.Parameter]:

@@ -11,7 +11,6 @@ KV cache does not fit, a store larger than RAM) raise PlanError with the numbers
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from quant.formats import COMPACT_FORMATS, bytes_per_matrix
@@ -20,10 +19,8 @@ from quant.packed import holds
 
 from hybrid.core.config import ModelConfig
 from hybrid.core.device_map import DeviceShare, Devices, PlanError, gib, place
+from hybrid.core.knobs import HotSetSize, parse_size  # noqa: F401  (parse_size: importers of this module use it)
 from hybrid.core.weights import TensorSpec, dense_tensors, device_nbytes, expert_shapes, numel
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 HOT_SET_FORMATS = ("packed", "bf16")   # how a resident expert is kept: store bytes, or the compute dtype
@@ -60,18 +57,6 @@ def packed_expert_bytes(fmt: str, hidden: int, inter: int, group_size: int = 32)
     lay = make_layout(fmt, hidden, inter, group_size)
     end = max(s.offset + s.nbytes for s in lay.sections.values())
     return -(-end // SECTION_ALIGN) * SECTION_ALIGN
-
-
-def parse_size(text: str | int | float) -> int:
-    """"2GiB", "500MB", "1.5e9", 123 -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"a size must be >= 0, got {text}")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 2GiB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -242,12 +227,13 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
 
 
 def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_format: str, context: int,
-                   device_memory: int, host_memory: int, gpu_expert_budget: int | str | float = 0,
+                   device_memory: int, host_memory: int, gpu_expert_budget: HotSetSize | int | str = 0,
                    mmap: bool = False, group_size: int = 32, hot_set_format: str = "auto",
                    devices: tuple[str, ...] = (), dense_format: str = "torch") -> PlacementPlan:
-    """Decide the placement. gpu_expert_budget: bytes (int or "2GiB", all devices together) or a share of all
-    routed experts ("25%"); the hot set gets that much, capped by what the devices have left after dense weights
-    and KV (and, packed, one decode buffer each). hot_set_format: auto | packed | bf16 (resolve_hot_set_format).
+    """Decide the placement. gpu_expert_budget: a HotSetSize, or its text / an int of bytes (HotSetSize.parse:
+    "2GiB" all devices together, "25%", "38/layer", "auto"); the hot set gets that much, capped by what the
+    devices have left after dense weights and KV (and, packed, one decode buffer each). hot_set_format: auto |
+    packed | bf16 (resolve_hot_set_format).
     devices: the device map by name (default: `device` alone), each offering device_memory bytes; the layers
     are split over them as `hybrid plan` splits them (hybrid.core.device_map.place). dense_format: the
     runtime's dense choice (DeviceBytes.of; default torch, the dense part in the compute dtype); a CUDA device
@@ -275,7 +261,8 @@ def plan_placement(cfg: ModelConfig, *, device: str, dtype_bytes: int, expert_fo
         raise PlanError(
             f"the routed experts take {gib(host_store)} in {expert_format} but the host has {gib(host_memory)} "
             f"of RAM available; use a converted store (memory-mapped) or a smaller format such as int4")
-    want = min(_capacity(cfg, gpu_expert_budget, per_expert_dev, moe, buffer * len(names)), cfg.n_routed_experts)
+    want = HotSetSize.parse(gpu_expert_budget).experts_per_layer(cfg.n_routed_experts, per_expert_dev, moe,
+                                                                 buffer * len(names))
     kind = names[0].split(":")[0]
     shares, capacity = place(cost, Devices(len(names), device_memory, f"{kind} device of {gib(device_memory)}",
                                            kind="device"), context, want if moe else 0)
@@ -293,25 +280,3 @@ def hot_expert_bytes(cfg: ModelConfig, expert_format: str, form: str, dtype_byte
     if form == "packed":
         return packed_expert_bytes(expert_format, cfg.hidden_size, cfg.moe_intermediate_size, group_size), dequantized
     return dequantized, 0
-
-
-def share_of_experts(text, n_experts: int, what: str = "budget") -> int | None:
-    """"25%" -> experts per layer (rounded down); None when `text` is not a share."""
-    if not (isinstance(text, str) and text.strip().endswith("%")):
-        return None
-    try:
-        share = float(text.strip()[:-1]) / 100
-    except ValueError:
-        raise ValueError(f"cannot read {what} {text!r}; write e.g. 25%") from None
-    if not 0 <= share <= 1:
-        raise ValueError(f"a {what} share must lie in 0%..100%, got {text!r}")
-    return int(share * n_experts + 1e-9)
-
-
-def _capacity(cfg: ModelConfig, budget, per_expert_dev: int, moe: int, buffer: int) -> int:
-    """Experts per layer the budget asks for: a share of them, or bytes (which include the decode buffer)."""
-    n = share_of_experts(budget, cfg.n_routed_experts)
-    if n is not None:
-        return n
-    b = parse_size(budget or 0)
-    return max(0, b - buffer) // (per_expert_dev * moe) if moe else 0

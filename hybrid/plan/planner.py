@@ -23,13 +23,12 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.device_map import DeviceShare as GpuShare, Devices, place as place_on
 from hybrid.plan.hardware import Machine
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
-from hybrid.core.placement import PlanError, dense_format_of, gib, share_of_experts
+from hybrid.core.knobs import HotSetSize, TransferBudget
+from hybrid.core.placement import PlanError, dense_format_of, gib
 from hybrid.core.weights import dense_tensors, numel
-from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, POLICIES
+from hybrid.core.policies import POLICIES
 from hybrid.profile.trace import Trace, TraceModel
 from quant.formats import FORMAT_NAMES
-
-AUTO_TRANSFER = AUTO_LOADS_PER_TOKEN      # the runtime's transfer_budget="auto", in copies per token per MoE layer
 
 
 @dataclass(frozen=True)
@@ -168,10 +167,12 @@ class PlanRequest:
 
     trace: a Trace, or a function returning one (called only once the model is known to fit: a synthetic
         K2 trace takes seconds).
-    hot_set: "auto" (all free GPU memory), a share "10%", or experts per layer (int).
+    hot_set: the hot-set size, as the runtime's --gpu-expert-budget (auto: all free GPU memory; bytes are all
+        GPUs' together).
     prompt_tokens: prompt length of the prefill and decode predictions (capped at `context`).
     policies: prefetch policies to predict (a "none" row, no hot set, always comes first).
-    transfer: hot-set copies per token per MoE layer the policies may make.
+    transfer: what the policies may copy, as the runtime's --transfer-budget (bytes per token count copies of
+        one expert as the GPUs keep it).
     assumptions: sentences printed under the plan (the machine's and the workload's).
     max_layers: MoE layers of the trace to replay, evenly spaced.
     trace_label: where the routing comes from, as the plan names it (default: the trace's source).
@@ -185,10 +186,10 @@ class PlanRequest:
     fmt: str
     context: int
     trace: Trace | Callable[[], Trace]
-    hot_set: str | int | float = "auto"
+    hot_set: HotSetSize = HotSetSize("auto")
     prompt_tokens: int = 4096
     policies: tuple[str, ...] = POLICIES
-    transfer: float = AUTO_TRANSFER
+    transfer: TransferBudget = TransferBudget("auto")
     assumptions: tuple[str, ...] = ()
     max_layers: int = 4
     trace_label: str | None = None
@@ -204,14 +205,16 @@ def make_plan(req: PlanRequest) -> Plan:
     cost = ModelCost.of(cfg, m.dtype_bytes, req.fmt, hot_set_format=req.hot_set_format, dense=req.dense,
                         dense_decoded=m.dense_decoded)
     store, need = host_check(cfg, cost, m, req.fmt)
-    want = _want(req.hot_set, cfg.n_routed_experts)
+    moe = len(cfg.moe_layers)
+    want = req.hot_set.experts_per_layer(cfg.n_routed_experts, cost.expert_device, moe, cost.decode_buffer * m.n_gpus)
     _check_context(cfg, req.context)
     gpus, cap = place(cost, m, req.context, want)
     trace = req.trace() if callable(req.trace) else req.trace
     _check_shape(cfg, trace)
     prompt = min(req.prompt_tokens, req.context)
     rates = m.rates(req.fmt)
-    rates_by_policy, trace_notes = hit_rates(trace, cap, req.policies, req.transfer, req.max_layers)
+    copies = req.transfer.copies_per_layer(cost.expert_device, moe)
+    rates_by_policy, trace_notes = hit_rates(trace, cap, req.policies, copies, req.max_layers)
     rows = tuple(_policy_row(pol, r, cost, rates, prompt, req.context, cap)
                  for pol, r in rates_by_policy.items())
     return Plan(req.label, req.fmt, req.context, prompt, m, tuple(gpus), cap, str(req.hot_set),
@@ -270,20 +273,3 @@ def _check_shape(cfg: ModelConfig, trace: Trace) -> None:
             not set(trace.model.moe_layers) <= set(cfg.moe_layers):
         TraceModel.from_config(cfg).check(trace.model, "the routing trace")
 
-
-_HOT_SET_HELP = "cannot read --hot-set {!r}; write auto, 10% or a number of experts per layer"
-
-
-def _want(hot_set, n_experts: int) -> int:
-    if hot_set in ("auto", None):
-        return n_experts
-    n = share_of_experts(hot_set, n_experts, "--hot-set")
-    if n is not None:
-        return n
-    try:
-        n = int(hot_set)
-    except (TypeError, ValueError):
-        raise ValueError(_HOT_SET_HELP.format(hot_set)) from None
-    if not 0 <= n <= n_experts:
-        raise ValueError(f"--hot-set must lie in 0..{n_experts} experts per layer, got {n}")
-    return n

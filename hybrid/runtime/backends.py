@@ -7,15 +7,13 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gpu_attn import Router
 from hybrid.core.config import ModelConfig
 from hybrid.core.options import RuntimeOptions
-from hybrid.core.placement import PlacementPlan, parse_size
-from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, make_policy
+from hybrid.core.placement import PlacementPlan
+from hybrid.core.policies import make_policy
 from hybrid.core.weights import expert_names, expert_shapes
 from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.experts import CpuExperts, ExpertBackend, TorchExperts
@@ -63,21 +61,13 @@ def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan
     routers: the model's routers (look-ahead hints for the router policy)."""
     from cpu_experts import CpuMoE
     cpu = CpuExperts(CpuMoE(stores, activations=opts.activations, pool=pool), synchronous=devices.first.type == "cpu")
-    if opts.prefetch == "off" or plan.experts_per_layer == 0 and opts.prefetch != "static":
+    policy_name = opts.hot_set_policy
+    if policy_name is None or plan.experts_per_layer == 0 and policy_name != "static":
         return cpu
-    policy_name = "router" if opts.prefetch == "auto" else opts.prefetch
-    per_token = _loads_per_token(opts.transfer_budget, plan)
+    per_token = opts.transfer_budget.copies_per_layer(plan.expert_device_bytes, plan.moe_layers)
     placement = placement if policy_name == "static" and placement else {}
     cap = plan.experts_per_layer
     policies = {L: make_policy(policy_name, cfg.n_routed_experts, cap, per_token, placement.get(L, [])[:cap])
                 for L in cfg.moe_layers}
     return HybridExperts(cpu, stores, policies, devices, dt, routers, plan.hot_set_format)
 
-
-def _loads_per_token(budget, plan: PlacementPlan) -> float:
-    """Bytes per token (all layers together) -> expert copies per token per layer."""
-    if budget == "auto":
-        return AUTO_LOADS_PER_TOKEN
-    b = parse_size(budget)
-    per_copy = plan.expert_device_bytes * max(1, plan.moe_layers)
-    return b / per_copy if per_copy else math.inf

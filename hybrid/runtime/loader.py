@@ -21,7 +21,8 @@ import torch
 
 from gpu_attn import YarnRope
 from hybrid.core.config import ModelConfig
-from hybrid.core.options import RuntimeOptions
+from hybrid.core.knobs import HotSetSize
+from hybrid.core.options import RuntimeOptions, resolve_dense
 from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
 from cpu_experts import RowPool
@@ -35,7 +36,6 @@ from hybrid.runtime.model import DevicePart, K2Model, build_routers, set_tensor
 from hybrid.runtime.moe import RouteListeners
 from quant.checkpoint import Checkpoint
 from quant.dense import DenseReader, dense_kind, stored_names
-from quant.formats import FORMAT_NAMES
 from quant.errors import CheckpointError
 
 
@@ -47,6 +47,7 @@ class Source:
     manifest: dict | None        # a converted store's manifest; None for an HF checkpoint
     experts: str                 # the routed-expert format this run uses (int4 | fp8 | bf16 | torch)
     dense: str                   # dense linears: "torch" (float modules) or auto | int4 | fp8 | bf16 (packed)
+    dense_counted: str           # the dense choice as the placement sizes it (resolve_dense)
     devices: tuple[torch.device, ...]   # one, or the device map's (resolve_devices), in layer order
     dtype: torch.dtype
     threads: int
@@ -138,8 +139,8 @@ def resolve_source(model_dir: str | Path, opts: RuntimeOptions) -> Source:
     if manifest and manifest.get("moe_layers") != cfg.moe_layers:
         raise ValueError(f"{model_dir}: the store's MoE layers {manifest.get('moe_layers')} differ from config.json's "
                          f"{cfg.moe_layers}; the store and its config.json do not match (convert again)")
-    dense = "torch" if opts.dense == "auto" and fmt == "torch" else opts.dense
-    return Source(model_dir, cfg, manifest, fmt, dense, devs, resolve_dtype(opts.dtype, devs[0]),
+    dense = resolve_dense(opts.dense, fmt, (manifest or {}).get("dense_format"))
+    return Source(model_dir, cfg, manifest, fmt, dense.run, dense.counted, devs, resolve_dtype(opts.dtype, devs[0]),
                   resolve_threads(opts.threads))
 
 
@@ -155,25 +156,25 @@ def plan_for(src: Source, opts: RuntimeOptions, placement: dict | None = None) -
         dev_mem = min(torch.cuda.mem_get_info(d)[0] for d in src.devices)
     else:
         dev_mem = host // len(src.devices)
-    budget = opts.gpu_expert_budget
-    if placement is not None and budget in (0, "0", None):
-        most = max((len(v) for v in placement.values()), default=0)
-        budget = f"{100 * most / cfg.n_routed_experts}%"
     context = opts.context or min(cfg.max_position_embeddings, 32768)
     torch_ref = src.experts == "torch"
     return plan_placement(cfg, device=str(dev), dtype_bytes=torch.empty(0, dtype=src.dtype).element_size(),
                           expert_format="bf16" if torch_ref else src.experts, context=context,
                           device_memory=dev_mem, host_memory=host,
-                          gpu_expert_budget=0 if torch_ref or opts.prefetch == "off" else budget,
+                          gpu_expert_budget=HotSetSize.experts(0) if torch_ref else hot_set_size(opts, placement),
                           mmap=src.manifest is not None, group_size=src.group_size,
                           hot_set_format="bf16" if torch_ref else opts.hot_set_format,
-                          devices=tuple(str(d) for d in src.devices), dense_format=_dense_choice(src))
+                          devices=tuple(str(d) for d in src.devices), dense_format=src.dense_counted)
 
 
-def _dense_choice(src: Source) -> str:
-    """The dense choice as the planner counts it: a converted store's own dense format for auto."""
-    stored = (src.manifest or {}).get("dense_format")
-    return stored if src.dense == "auto" and stored in FORMAT_NAMES else src.dense
+def hot_set_size(opts: RuntimeOptions, placement: dict[int, list[int]] | None) -> HotSetSize:
+    """The hot set this run asks for: none with prefetch="off"; a static placement's largest layer when no
+    budget is given; else gpu_expert_budget as parsed."""
+    if opts.hot_set_policy is None:
+        return HotSetSize.experts(0)
+    if placement is not None and opts.gpu_expert_budget.is_zero:
+        return HotSetSize.experts(max((len(v) for v in placement.values()), default=0))
+    return opts.gpu_expert_budget
 
 
 def build_backend(src: Source, opts: RuntimeOptions, plan: PlacementPlan, devices: DeviceMap, ckpt: Checkpoint,

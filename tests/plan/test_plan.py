@@ -7,6 +7,7 @@ import pytest
 
 from hybrid.cli import main
 from hybrid.core.config import ModelConfig
+from hybrid.core.knobs import HotSetSize
 from hybrid.plan.hardware import DEV_CALIBRATION, GPUS, GpuSpec, Machine, parse_gpus, parse_host, parse_rate
 from hybrid.plan.known_models import resolve_config
 from hybrid.plan.perf import ModelCost, Rates, decode_time, prefill_time
@@ -178,7 +179,8 @@ def test_the_plan_prices_dense_formats_for_what_they_move(capsys):
     fast = {}
     for dense in ("torch", "auto"):
         assert main(["plan", "--gpus", "4xA100-80GB", "--cpu", "2xsapphire-rapids", "--ram", "1TiB", "--format",
-                     "int4", "--hot-set", "10%", "--policies", "static", "--calibration", "/nonexistent/cal.json",
+                     "int4", "--gpu-expert-budget", "10%", "--policies", "static",
+                     "--calibration", "/nonexistent/cal.json",
                      "--dense", dense, "--json"]) == 0
         fast[dense] = json.loads(capsys.readouterr().out)["rows"][-1]["decode_tokens_per_s"]
     assert fast["torch"] > 1.2 * fast["auto"], fast
@@ -310,7 +312,8 @@ def test_plan_on_a_tiny_config_with_a_trace():
     trace = synthesize(__import__("hybrid.profile.trace", fromlist=["TraceModel"]).TraceModel.from_config(cfg),
                        params_with(n_requests=2, prompt_tokens=64, new_tokens=16))
     m = _machine(n_gpus=1, memory=64 * 2**20, ram=2**30)
-    plan = make_plan(PlanRequest(cfg, "tiny", m, "int4", 1024, trace, hot_set="25%", prompt_tokens=256))
+    plan = make_plan(PlanRequest(cfg, "tiny", m, "int4", 1024, trace, hot_set=HotSetSize.parse("25%"),
+                                 prompt_tokens=256))
     assert plan.experts_per_layer == 4 and not plan.hot_set_capped
     assert [r["policy"] for r in plan.rows] == ["none", "static", "lru", "lfu", "router"]
     none, static = plan.rows[0], plan.rows[1]
@@ -345,7 +348,6 @@ def test_cli_plan_k2_json(capsys):
      "most context that fits is"),
     (["--gpus", "H100"], "--cpu 2xsapphire-rapids"),
     (["--cpu", "genoa"], "--gpus 4xA100-80GB"),
-    (["--gpus", "H100", "--cpu", "genoa", "--hot-set", "lots"], "cannot read --hot-set"),
     (["--gpus", "H100", "--cpu", "genoa", "--config", "llama"], "unknown model 'llama'"),
     (["--gpus", "H100", "--cpu", "genoa", "--format", "bf16", "--hot-set-format", "packed"],
      "needs int4 or fp8 experts, but these are bf16"),
@@ -372,7 +374,8 @@ def test_calibrate_then_plan_this_machine(tmp_path, capsys):
     (mod,) = cal.modules.values()
     assert mod.attn_gbs > 0 and mod.shared_gbs > 0 and mod.dense_gbs > 0
     assert main(["plan", "--config", str(d), "--machine", "local", "--calibration", str(path), "--format", "fp8",
-                 "--context", "1k", "--prompt-tokens", "64", "--hot-set", "25%", "--hot-set-format", "packed", "--json"]) == 0
+                 "--context", "1k", "--prompt-tokens", "64", "--gpu-expert-budget", "25%",
+                 "--hot-set-format", "packed", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["overlap"] is False and out["experts_per_layer"] == 4
     # the stand-in copies the packed bytes and decodes them with the Numba decoder that was timed

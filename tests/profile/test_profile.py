@@ -7,7 +7,6 @@ import pytest
 
 from hybrid.profile.analysis import analyze, coverage, lookahead, placement, replay
 from hybrid.cli.profile import main as profile_main
-from hybrid.cli.profile import parse_budget
 from hybrid.core.placement_file import PlacementError, read_placement
 from hybrid.profile.report import write_report
 from hybrid.profile.synth import params_with, synthesize
@@ -136,14 +135,6 @@ def test_bad_placement_files_are_refused(small_report, tmp_path):
         read_placement(tmp_path / "trunc.json")
 
 
-def test_parse_budget():
-    assert parse_budget("10%", 384) == pytest.approx(0.1)
-    assert parse_budget("0.25", 384) == 0.25
-    assert parse_budget("38", 384) == pytest.approx(38 / 384)
-    with pytest.raises(ValueError, match="outside"):
-        parse_budget("500", 384)
-
-
 # ---- command line ----------------------------------------------------------------------------------------
 def test_cli_record_writes_trace_and_report(tiny_models, tmp_path, capsys):
     model = tiny_models("k2", "fp8")
@@ -177,7 +168,7 @@ def test_cli_synth_then_analyze(tmp_path, capsys):
                        "--prompt-tokens", "32", "--new-tokens", "8", "--layers", "2", "--no-report"])
     assert rc == 0 and not (tmp_path / "s" / "report.md").exists()
     rc = profile_main(["analyze", str(tmp_path / "s" / "trace.npz"), "--out", str(tmp_path / "a"),
-                       "--budget", "5%", "--replay-layers", "1"])
+                       "--gpu-expert-budget", "5%", "--replay-layers", "1"])
     assert rc == 0, capsys.readouterr().err
     assert all(len(v) == 19 for v in read_placement(tmp_path / "a" / "placement.json").values())
     (tmp_path / "cut.npz").write_bytes((tmp_path / "s" / "trace.npz").read_bytes()[:300])
