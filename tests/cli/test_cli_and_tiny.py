@@ -93,12 +93,14 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(where, monkeypatch, c
     """Issue 28 item 14: Ctrl-C while `hybrid generate` starts (parsing, importing, loading) printed a
     KeyboardInterrupt traceback."""
     import hybrid.cli as cli
-    import hybrid.cli.engine_options as eo
+    import hybrid.runtime.loader as loader
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli if where == "build_parser" else eo, "build_parser" if where == "build_parser"
-                        else "load_engine", interrupt)
+    if where == "build_parser":
+        monkeypatch.setattr(cli, "build_parser", interrupt)
+    else:
+        monkeypatch.setattr(loader, "load_with", interrupt)
     assert cli.main(["generate", "--model", str(tiny_models("k2", "fp8")), "--prompt-ids", "1"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "hybrid: interrupted"
