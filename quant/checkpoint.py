@@ -5,7 +5,7 @@ A folder holds either `model.safetensors.index.json` + shards, or one `model.saf
 a truncated 1 TB download must fail in a second with the shard's name, not an hour into loading.
 Tensor data is then read one tensor at a time through `safetensors.safe_open` (memory-mapped).
 
-Block FP8 (K2-REFERENCE.md §3.2): an F8_E4M3 weight [out, in] has a float sibling
+Block FP8 (docs/formats.md): an F8_E4M3 weight [out, in] has a float sibling
 `<name>_scale_inv` [ceil(out/128), ceil(in/128)]; W = e4m3(Q) * S[i // 128, j // 128] (multiply).
 """
 from __future__ import annotations

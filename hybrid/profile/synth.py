@@ -17,8 +17,8 @@ Layer-to-layer affinity: every level X is correlated across layers through a fix
 P_l of the experts: X[l] = rho * X[l-1][P_l] + sqrt(1 - rho^2) * fresh. Expert P_l[e] at layer l-1
 predicts expert e at layer l, as a look-ahead gate would exploit; with rho = 0 the layers are independent.
 
-Calibration target (KTransformers' published placement measurement, quoted in DESIGN.md "Physics that shapes
-the design" and issue 6): placing 10 % of the experts by global frequency covers about 19 % of activations;
+Calibration target (KTransformers' published placement measurement, quoted in docs/architecture.md,
+"The problem in numbers", and issue 6): placing 10 % of the experts by global frequency covers about 19 % of activations;
 choosing them from the request's own statistics about 45 %. DEFAULT_PARAMS were fitted to these (coverage
 measured as in hybrid.profile.analysis.coverage: pooled over requests and layers, in-sample, 38 of 384 experts) for
 requests of 768 prompt + 256 decode tokens, 32 requests (the in-sample global figure falls as requests are
