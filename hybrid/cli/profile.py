@@ -72,11 +72,20 @@ def _analysis_args(p, report_flag: bool = True, default: bool = True) -> None:
                    help="layers to replay policies on, evenly spaced (0 = all); ~13 s per layer per 32k K2 tokens")
     p.add_argument("--loads-per-token", type=float, default=d(math.inf),
                    help="transfer budget in experts per token per layer for the replay (default unlimited)")
+    p.add_argument("--quiet", action="store_true", default=d(False),
+                   help="no progress bars (they are drawn only when stderr is a terminal)")
     if report_flag:
         p.add_argument("--no-report", action="store_true", default=d(False), help="write the trace only")
 
 
 def cmd_profile(args) -> int:
+    """Run the profile action; progress bars (model load, recording, synthesis, replay) unless --quiet."""
+    from hybrid.core.progress import silenced
+    with silenced(args.quiet):
+        return _profile(args)
+
+
+def _profile(args) -> int:
     action = getattr(args, "action", None) or "record"
     if action == "analyze":
         from hybrid.profile.trace import read_trace

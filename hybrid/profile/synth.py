@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from hybrid.core.progress import track
 from hybrid.profile.trace import Trace, TraceModel, from_arrays
 
 PRESETS = {
@@ -94,7 +95,7 @@ def synthesize(model: TraceModel | str = "kimi-k2", params: SynthParams = DEFAUL
     a, b = p.layer_affinity, math.sqrt(1.0 - p.layer_affinity ** 2)
     G = R = S = Z = None
     ids = np.empty((N, L, k), dtype=np.int16)
-    for li in range(L):
+    for li in track(range(L), "synthesize", "layer"):
         G = _step(rng, G, (E,), perms[li], a, b)
         R = _step(rng, R, (p.n_requests, E), perms[li], a, b)
         S = _step(rng, S, (n_seg, E), perms[li], a, b)

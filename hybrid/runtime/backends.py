@@ -16,6 +16,7 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan, parse_size
 from hybrid.core.policies import AUTO_LOADS_PER_TOKEN, make_policy
+from hybrid.core.progress import bar
 from hybrid.core.weights import expert_names, expert_shapes
 from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.experts import CpuExperts, ExpertBackend, TorchExperts
@@ -48,8 +49,12 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
     spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
     source = expert_source(ckpt, {"H": cfg.hidden_size, "I": cfg.moe_intermediate_size, "E": cfg.n_routed_experts,
                                   "moe_layers": cfg.moe_layers, "quantization_config": cfg.quantization_config})
-    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source.expert(L, e))
-            for layer in cfg.moe_layers}
+    with bar(len(cfg.moe_layers) * cfg.n_routed_experts, "load experts", "expert") as progress:
+        def read(layer: int, e: int) -> dict:
+            progress.update()
+            return source.expert(layer, e)
+        return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: read(L, e))
+                for layer in cfg.moe_layers}
 
 
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan,
