@@ -4,14 +4,14 @@
 
 E = experts in the pool, H = 7168, I = 2048 (Kimi K2's routed expert), top-8 per token.
 1. Read limit: numpy sum over a large array (one thread), and a Numba read loop with the same thread
-   count as the kernels, plain and with software prefetch (KERNEL-NOTES: the real ceiling).
+   count as the kernels, plain and with software prefetch (docs/kernels.md: the real ceiling).
 2. Decode: per format, a pool of experts far larger than the last-level cache, swept once so every
    page is touched, then calls of 1 token with 8 random distinct experts; effective bandwidth =
    bytes of the 8 experts / time, printed as % of the prefetching read loop.
 3. Prefill: 256 tokens routed top-8 over the first 64 experts of the pool, one call, vs the same
    routing as 256 one-token decode calls; tokens/s and GFLOP/s (2 * 3 * H * I per activation).
 Weights are random bytes with valid scales: speed does not depend on the values.
-Bandwidth drifts about +-10 % between runs (KERNEL-NOTES), so compare figures from one run.
+Bandwidth drifts about +-10 % between runs (docs/kernels.md), so compare figures from one run.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def model_shapes(H: int, heads: int, q_lora: int, kv_lora: int, dn: int, dr: int
 
 MODELS = {   # hidden_size, heads, q_lora, kv_lora, nope, rope, v, shared expert inter, dense inter, vocab
     "bench": model_shapes(7168, 8, 1536, 512, 128, 64, 128, 2048, 4096, 1024),        # hybrid/models/tiny.py
-    "k2": model_shapes(7168, 64, 1536, 512, 128, 64, 128, 2048, 18432, 163840),       # K2-REFERENCE.md
+    "k2": model_shapes(7168, 64, 1536, 512, 128, 64, 128, 2048, 18432, 163840),       # docs/model.md
     "tiny": model_shapes(256, 4, 64, 32, 32, 16, 32, 128, 512, 1024),
 }
 

@@ -1,7 +1,7 @@
 """Block-FP8 (e4m3fn, 128x128 float32 scale_inv) expert kernels in plain Numba, float32 accumulation.
 
 Same contract as cpu_experts/int4.py (buffers, `lay`, pairs, row ranges). The codes are the released
-bytes. Decoding is exact and table-free (tables become slow gathers, KERNEL-NOTES): byte b = s eeee mmm
+bytes. Decoding is exact and table-free (tables become slow gathers, docs/kernels.md): byte b = s eeee mmm
 becomes the half-precision pattern s 0 eeee mmm 0000000, whose value is exactly e4m3(b) * 2^-8
 (subnormals included), and the hardware converts half to float. The 2^8 goes back once per row.
 Caveat: the two NaN codes (0x7F, 0xFF) decode as +-1.875*2^8 here, not NaN; released weights and our

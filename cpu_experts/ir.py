@@ -1,14 +1,14 @@
 """Hand-built LLVM IR row kernels (AVX-512), exposed to Numba as @intrinsic calls.
 
 Why IR: Numba types narrow integer code as int64, so LLVM never forms vpdpbusd from Python-level
-code, and data-indexed tables become slow gathers (KERNEL-NOTES: plain Numba stops at ~50 % of the
+code, and data-indexed tables become slow gathers (docs/kernels.md: plain Numba stops at ~50 % of the
 read limit). Each kernel here computes, for i in [0, n):
 
     oA[i * ostride] = row(wA + i * wstride) . x         oB[i * ostride] = row(wB + i * wstride) . x
 
 two rows per pass sharing every activation load (the fp8/bf16 kernels read x from xA only; callers
 pass xB == xA), for 1, 2 or 4 tokens at once, 64-byte unaligned loads (an
-aligned load crashed on numpy buffers, KERNEL-NOTES), and a software prefetch `pfd` bytes ahead in
+aligned load crashed on numpy buffers, docs/kernels.md), and a software prefetch `pfd` bytes ahead in
 each weight stream (the largest single step to the limit: 8-16 KiB ahead).
 
   int4 (vnni): 64 packed bytes = 128 inputs = 4 blocks of 32. Low nibbles x the "lo" int8

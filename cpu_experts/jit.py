@@ -3,7 +3,7 @@
 - nogil=True: kernels run on threads we manage (cpu_experts/pool.py), so they must release the GIL.
   We do not use Numba's parallel=True: its default "workqueue" layer is not safe from a non-main
   thread (CpuMoE runs kernels from a background worker), and a pool of our own lets each thread take
-  one contiguous range of rows, which KERNEL-NOTES measured 10-15 % faster than round-robin chunks.
+  one contiguous range of rows, which docs/kernels.md records as 10-15 % faster than round-robin chunks.
 - cache=True: compiled code is kept in __pycache__, so users and CI pay compile time once.
 - fastmath: only 'reassoc' (lets LLVM vectorize float reductions), 'contract' (FMA) and 'nsz'.
   Not 'nnan'/'ninf': a NaN in a weight or activation must stay visible in the output.
@@ -88,7 +88,7 @@ def half_bits_to_f32(typingctx, bits):
 def prefetch(typingctx, arr, idx):
     """Software prefetch (read, keep in all cache levels) of &arr[idx]; never faults, even past the end.
 
-    KERNEL-NOTES: prefetching 8-16 KiB ahead was the largest single step towards the bandwidth limit.
+    docs/kernels.md: prefetching 8-16 KiB ahead was the largest single step towards the bandwidth limit.
     """
     if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
         return None
@@ -106,7 +106,7 @@ def prefetch(typingctx, arr, idx):
     return types.void(arr, idx), codegen
 
 # Software prefetch distance of the AVX-512 row kernels, in bytes ahead of each weight stream, per
-# format. KERNEL-NOTES: 8-16 KiB ahead beat 256 B-2 KiB by 10-15 %. Measured here (2 threads, K2
+# format. docs/kernels.md: 8-16 KiB ahead beat 256 B-2 KiB by 10-15 %. Measured here (2 threads, K2
 # shape): int4 best at 4 KiB (60.6 vs 58.1 GB/s at 8 KiB), fp8 at 16 KiB (40.5 vs 39.3; 31 at 4 KiB),
 # bf16 flat from 4 to 32 KiB.
 PREFETCH_BYTES = {"int4": 4096, "fp8": 16384, "bf16": 8192}

@@ -1,7 +1,7 @@
 """Measurements of this machine's CPU side, shared by bench/kernels.py and `hybrid plan --calibrate`. Torch-free.
 
 - read_bandwidth: GB/s of a Numba read loop over a buffer (plain and with software prefetch: the ceiling the
-  kernels are held against, KERNEL-NOTES);
+  kernels are held against, docs/kernels.md);
 - random_store / random_packed: a pool of experts, a dense weight, with random codes and sane scales, built
   without quantizing;
 - decode_bw: the CPU MoE's effective bandwidth on one-token calls with random distinct experts;

@@ -10,12 +10,47 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import ITEMSIZE, Checkpoint
+from .checkpoint import ITEMSIZE, SCALE_SUFFIX, Checkpoint
 from .errors import CheckpointError
 from .formats import FORMAT_NAMES
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+SCALE_SUFFIXES = (SCALE_SUFFIX, "_scale")      # scales listed as tensors of their own (a store's int4 scales)
+FLOATS = ("BF16", "F16", "F32")
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")   # the router stays float32
+
+
+def default_run_dense_bytes(ck: Checkpoint, num_layers: int | None) -> tuple[int, int]:
+    """(device bytes of the dense part, bytes of the buffer a CUDA device dequantizes packed linears into) as a
+    default run keeps them (`--dense auto`, bf16 compute): the dense linears and lm_head in the format they are
+    stored in (FP8 codes + block scales as released, a store's packed codes + scales; float ones as bf16), the
+    router float32, everything else bf16. The buffer is the largest packed linear in bf16.
+
+    This mirrors hybrid.core.placement.dense_device_bytes(cfg, 2, "auto"), which quant may not import (it is a
+    leaf package); tests/quant/test_convert.py checks the two agree. The MTP layer (index >= num_layers) is
+    left out, as the loader leaves it out."""
+    from .convert import is_expert_tensor
+    from .dense import dense_kind
+    dense = buffer = 0
+    for n in ck.names:
+        parts = n.split(".")
+        if is_expert_tensor(n) or (num_layers is not None and parts[:2] == ["model", "layers"]
+                                   and int(parts[2]) >= num_layers):
+            continue
+        dtype, numel = ck.dtype(n), ck.nbytes(n) // ITEMSIZE[ck.dtype(n)]
+        is_scale = n.endswith(SCALE_SUFFIXES)
+        if n.endswith(FP32_SUFFIXES):
+            dense += numel * 4
+        elif dtype in FLOATS and not is_scale:
+            dense += numel * 2
+        else:
+            dense += ck.nbytes(n) + (ck.nbytes(n + SCALE_SUFFIX) if n + SCALE_SUFFIX in ck else 0)  # as stored
+        if dense_kind(n) is not None and not is_scale:
+            buffer = max(buffer, numel * (2 if dtype == "U8" else 1) * 2)   # U8 codes: two int4 values a byte
+    return dense, buffer
 
 
 def cmd_inspect(a) -> int:
@@ -26,18 +61,17 @@ def cmd_inspect(a) -> int:
     cfg = read_config_dict(a.dir) if (Path(a.dir) / "config.json").is_file() else {}
     with Checkpoint.open(a.dir) as ck:
         dtypes, nbytes = Counter(), Counter()
-        dense_bf16 = expert_bytes = 0
+        expert_bytes = 0
         for n in ck.names:
             b = ck.nbytes(n)
             dtypes[ck.dtype(n)] += 1
             nbytes[ck.dtype(n)] += b
             if is_expert_tensor(n):
                 expert_bytes += b
-            else:
-                dense_bf16 += b // ITEMSIZE[ck.dtype(n)] * (4 if ".mlp.gate." in n else 2)
+        dense, buffer = default_run_dense_bytes(ck, cfg.get("num_hidden_layers"))
     report = {"folder": str(a.dir), "tensors": len(ck.names), "by_dtype": dict(dtypes),
               "bytes_by_dtype": dict(nbytes), "format": "block-fp8" if dtypes.get("F8_E4M3") else "bf16/f32",
-              "dense_device_bytes_bf16": dense_bf16}
+              "dense_device_bytes": dense, "dense_decode_buffer_bytes_cuda": buffer}
     if cfg:
         model_shape(cfg, str(a.dir))               # a config without the DeepSeek fields: a clear error
         missing = [k for k in ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim") if not isinstance(cfg.get(k), int)]
@@ -66,7 +100,8 @@ def cmd_inspect(a) -> int:
     for k, v in report.get("store_layer_bytes", {}).items():
         print(f"  {k}: {v / 2**20:.1f} MiB")
     print("a run needs:")
-    print(f"  device: dense weights {_size(dense_bf16)} (bf16, router f32)" + (
+    print(f"  device: dense weights {_size(dense)} (--dense auto: linears as stored, the rest bf16, router f32; "
+          f"CUDA adds a {_size(buffer)} buffer they are dequantized into)" + (
         f" + KV cache {report['kv_cache_bytes_per_1k_tokens_bf16'] / 2**20:.1f} MiB per 1k tokens of context"
         if "kv_cache_bytes_per_1k_tokens_bf16" in report else ""))
     for f, v in report.get("host_expert_bytes", {}).items():

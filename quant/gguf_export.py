@@ -2,7 +2,7 @@
 
 llama.cpp then runs exactly our weights: a second, independent oracle for the runtime, and the baseline
 of bench/. Names, shapes and metadata keys follow llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model)
-and its deepseek2 loader (K2-REFERENCE.md §7): MLA split of kv_b_proj into attn_k_b (K half,
+and its deepseek2 loader (docs/formats.md, "Output: GGUF"): MLA split of kv_b_proj into attn_k_b (K half,
 transposed) and attn_v_b, experts stacked per layer, router bias as exp_probs_b, sigmoid gating (2),
 MQA view of MLA (head_count_kv 1, key_length kv_lora_rank + rope dims), yarn_log_multiplier =
 0.1 * mscale_all_dim (the loader divides by 0.1 again).
@@ -108,7 +108,7 @@ def _kv_b(ck: Checkpoint, name: str, cfg: dict, part: str) -> Callable[[], Itera
     nh, dn, dv, r = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"])
 
     def gen():
-        # kv_b_proj rows per head: dn rows of K_nope, then dv rows of V (K2-REFERENCE §2.3).
+        # kv_b_proj rows per head: dn rows of K_nope, then dv rows of V (docs/model.md, "MLA").
         kv_b = _source(ck, name, (nh * (dn + dv), r)).to(torch.float32).view(nh, dn + dv, r)
         k_b, v_b = kv_b.split([dn, dv], dim=1)
         yield (k_b.transpose(1, 2) if part == "k" else v_b).contiguous().numpy()   # [nh, r, dn] / [nh, dv, r]

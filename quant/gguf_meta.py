@@ -1,7 +1,7 @@
 """The metadata half of export-gguf: config.json read and checked for llama.cpp's deepseek2, and the
 GGUF key/value pairs written from it (names as llama.cpp's convert_hf_to_gguf.py writes them).
 
-config.json is read here as a plain dict: quant/ does not import hybrid/ (DESIGN.md), and the export
+config.json is read here as a plain dict: quant/ does not import hybrid/ (docs/architecture.md), and the export
 needs only a dozen fields, read with the checkpoint's own names.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _read_rope(cfg: dict, path: Path) -> dict:
 
 # ---- metadata ----------------------------------------------------------------------------------
 def write_metadata(w: gguf.GGUFWriter, cfg: dict, vocab: GGUFVocab, file_type: gguf.LlamaFileType, name: str) -> None:
-    """All key/value pairs llama.cpp's deepseek2 loader and vocab reader use (K2-REFERENCE.md §7)."""
+    """All key/value pairs llama.cpp's deepseek2 loader and vocab reader use (docs/formats.md, "Output: GGUF")."""
     rope = cfg["rope"]
     w.add_name(name)
     w.add_file_type(file_type)

@@ -11,7 +11,7 @@ Packed layout (what the kernels read), per row, llama.cpp-Q4_0 style: the row is
 32 inputs; block b becomes 16 bytes where byte j holds (Q[32b + j] + 8) in its low nibble and
 (Q[32b + 16 + j] + 8) in its high nibble. So one 64-byte load holds 4 whole blocks, its low nibbles
 are 64 consecutive-by-block inputs and its high nibbles the other 64, which lets a kernel feed whole
-vector lanes with one AND or one shift (KERNEL-NOTES.md). Row r's bytes are [r * in/2, (r+1) * in/2).
+vector lanes with one AND or one shift (docs/formats.md, docs/kernels.md). Row r's bytes are [r * in/2, (r+1) * in/2).
 
 This numpy code is the reference the Numba kernels are tested against, bit-exact.
 """

@@ -176,9 +176,8 @@ def _say(quiet: bool, bar, msg: str) -> None:
 
 
 def _progress(start: int, total: int, quiet: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, unit="step", disable=quiet or not sys.stderr.isatty(),
-                dynamic_ncols=True)
+    from hybrid.core.progress import bar
+    return bar(total, unit="step", quiet=quiet, initial=start)
 
 
 class _StopFlag:

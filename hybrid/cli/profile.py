@@ -87,6 +87,8 @@ def _analysis_args(p, report_flag: bool = True, default: bool = True) -> None:
     add_option(p, "transfer_budget", default=d("unlimited"), note=" -- here the replay's: auto, copies per layer "
                "or unlimited (a trace knows no bytes)" + shown("unlimited"))
     add_deprecated(p, "--loads-per-token", "--transfer-budget", loads_as_transfer)
+    p.add_argument("--quiet", action="store_true", default=d(False),
+                   help="no progress bars (they are drawn only when stderr is a terminal)" + shown(False))
     if report_flag:
         p.add_argument("--no-report", action="store_true", default=d(False), help="write the trace only")
 
@@ -110,6 +112,13 @@ def loads_as_transfer(text: str) -> str:
 
 
 def cmd_profile(args) -> int:
+    """Run the profile action; progress bars (model load, recording, synthesis, replay) unless --quiet."""
+    from hybrid.core.progress import silenced
+    with silenced(args.quiet):
+        return _profile(args)
+
+
+def _profile(args) -> int:
     action = getattr(args, "action", None) or "record"
     if action == "analyze":
         from hybrid.profile.trace import read_trace

@@ -2,7 +2,7 @@
 
 What is measured (each figure is best of a few rounds; the host may be shared):
 - read_bandwidth: the Numba read loop with software prefetch over a pool far larger than the cache, all
-  kernel threads (the ceiling the CPU kernels are held against, KERNEL-NOTES);
+  kernel threads (the ceiling the CPU kernels are held against, docs/kernels.md);
 - per expert format: the CPU MoE's decode bandwidth on one-token calls with 8 random experts of K2's shape
   over the same-sized pool, and its fraction of the read loop ("kernel_efficiency"); prefill GFLOP/s per
   thread (256 tokens over 64 experts); decoding one stored expert into float32 weights on the CPU stand-in

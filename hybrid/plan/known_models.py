@@ -1,7 +1,7 @@
 """config.json of the released models the planner knows by name, as shipped (fields the runtime reads).
 
 Kimi K2 (Kimi-K2-Instruct 0711) and DeepSeek-V3 share the DeepSeek-V3 architecture; the values are those of
-../shared/K2-REFERENCE.md section 1 (cross-checked against third-party copies there).
+docs/model.md, "config.json" (the release's own files, cross-checked against third-party copies).
 """
 from __future__ import annotations
 

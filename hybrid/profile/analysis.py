@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from hybrid.core.policies import POLICIES, make_policy
+from hybrid.core.progress import bar
 from hybrid.profile.trace import DECODE, Trace
 
 CONCENTRATION = (0.01, 0.05, 0.10, 0.25)
@@ -188,12 +189,14 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
     spans = list(zip(starts.tolist(), trace.step[1:].tolist(), (trace.phase[starts] == DECODE).tolist()))
     new_req = set(trace.req[1:-1].tolist())
     out = {}
+    progress = bar(len(policies) * len(fractions) * len(layers), "replay", "layer")
     for name in policies:
         out[name] = {}
         for f in fractions:
             cap = n_of(f, E)
             hits = valid = d_hits = d_valid = loads = d_loads = d_tokens = 0
             for li in layers:
+                progress.update()
                 resident = top_experts(counts[li], cap).tolist() if name == "static" else ()
                 p = make_policy(name, E, cap, loads_per_token, resident=resident)
                 ids_l = trace.ids[:, li, :]
@@ -217,6 +220,7 @@ def replay(trace: Trace, policies=POLICIES, fractions=BUDGETS, layers: list[int]
                             "loads_per_token": loads / (trace.n_tokens * nl),
                             "decode_loads_per_token": d_loads / d_tokens if d_tokens else None,
                             "prefill_loads_per_token": (loads - d_loads) / p_tokens if p_tokens else None}
+    progress.close()
     return out
 
 

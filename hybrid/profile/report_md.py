@@ -156,7 +156,7 @@ def _header(s: ReportSummary) -> list[str]:
              f"{s.first_layer}..{s.last_layer}), {s.n_requests} requests, {s.n_tokens} tokens "
              f"({s.prefill_tokens} prefill, {s.decode_tokens} decode).", ""]
     if s.synth_params is not None:
-        lines += ["Synthetic trace (routing model: hybrid/synth.py, calibrated to KTransformers' published "
+        lines += ["Synthetic trace (routing model: hybrid/profile/synth.py, calibrated to KTransformers' published "
                   "10 % placement figures): " + ", ".join(f"{k} {v}" for k, v in s.synth_params) + ".", ""]
     if not s.has_tokens:
         lines += ["This trace holds counts only (SGLang stat mode): per-request concentration, reuse, look-ahead "
@@ -193,7 +193,7 @@ def _lookahead_md(predictions: tuple[Prediction, ...], top_k: int) -> list[str]:
 def _replay_md(r: Replay) -> list[str]:
     budget = "unlimited" if math.isinf(r.loads_budget) else f"{r.loads_budget:g} experts per token per layer"
     return (["## Hit rate by policy and hot-set size", "",
-             f"Replay through hybrid.policies on MoE layers {list(r.layers)}; transfer budget {budget}. "
+             f"Replay through hybrid.core.policies on MoE layers {list(r.layers)}; transfer budget {budget}. "
              "Cells: hit rate (decode-only hit rate) / loads per token per layer. Static starts from "
              "this trace's own top experts (placement.json); the others start empty.", "",
              "| policy | " + " | ".join(f"{100 * f:g} %" for f in r.fractions) + " |",

@@ -17,8 +17,8 @@ Layer-to-layer affinity: every level X is correlated across layers through a fix
 P_l of the experts: X[l] = rho * X[l-1][P_l] + sqrt(1 - rho^2) * fresh. Expert P_l[e] at layer l-1
 predicts expert e at layer l, as a look-ahead gate would exploit; with rho = 0 the layers are independent.
 
-Calibration target (KTransformers' published placement measurement, quoted in DESIGN.md "Physics that shapes
-the design" and issue 6): placing 10 % of the experts by global frequency covers about 19 % of activations;
+Calibration target (KTransformers' published placement measurement, quoted in docs/architecture.md,
+"The problem in numbers", and issue 6): placing 10 % of the experts by global frequency covers about 19 % of activations;
 choosing them from the request's own statistics about 45 %. DEFAULT_PARAMS were fitted to these (coverage
 measured as in hybrid.profile.analysis.coverage: pooled over requests and layers, in-sample, 38 of 384 experts) for
 requests of 768 prompt + 256 decode tokens, 32 requests (the in-sample global figure falls as requests are
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from hybrid.core.progress import track
 from hybrid.profile.trace import Trace, TraceModel, from_arrays
 
 PRESETS = {
@@ -94,7 +95,7 @@ def synthesize(model: TraceModel | str = "kimi-k2", params: SynthParams = DEFAUL
     a, b = p.layer_affinity, math.sqrt(1.0 - p.layer_affinity ** 2)
     G = R = S = Z = None
     ids = np.empty((N, L, k), dtype=np.int16)
-    for li in range(L):
+    for li in track(range(L), "synthesize", "layer"):
         G = _step(rng, G, (E,), perms[li], a, b)
         R = _step(rng, R, (p.n_requests, E), perms[li], a, b)
         S = _step(rng, S, (n_seg, E), perms[li], a, b)

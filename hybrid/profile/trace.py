@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid.core.progress import track
 from hybrid.core.routing import TraceError, TraceModel  # noqa: F401 (TraceModel is part of this module's API)
 
 FORMAT = "hybrid-routing-trace"
@@ -230,7 +231,7 @@ def record(engine, prompts: list[list[int]], max_new_tokens: int, **generate_kwa
     if not prompts:
         raise ValueError("no prompts to record: give at least one prompt")
     rec = Recorder(engine)
-    for ids in prompts:
+    for ids in track(prompts, "record", "prompt"):
         rec.run(ids, max_new_tokens, **generate_kwargs)
     return rec.trace({"max_new_tokens": max_new_tokens})
 

@@ -14,6 +14,7 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.options import RuntimeOptions
 from hybrid.core.placement import PlacementPlan
 from hybrid.core.policies import make_policy
+from hybrid.core.progress import bar
 from hybrid.core.weights import expert_names, expert_shapes
 from hybrid.runtime.device_map import DeviceMap
 from hybrid.runtime.experts import CpuExperts, ExpertBackend, TorchExperts
@@ -46,8 +47,12 @@ def build_stores(cfg: ModelConfig, ckpt, fmt: str) -> dict:
     spec = StoreSpec(fmt=fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
     source = expert_source(ckpt, ModelShape(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts,
                                             tuple(cfg.moe_layers), cfg.quantization_config))
-    return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: source.expert(L, e))
-            for layer in cfg.moe_layers}
+    with bar(len(cfg.moe_layers) * cfg.n_routed_experts, "load experts", "expert") as progress:
+        def read(layer: int, e: int) -> dict:
+            progress.update()
+            return source.expert(layer, e)
+        return {layer: LayerStore.build(spec, cfg.n_routed_experts, lambda e, L=layer: read(L, e))
+                for layer in cfg.moe_layers}
 
 
 def build_cpu_backend(cfg: ModelConfig, stores: dict, opts: RuntimeOptions, plan: PlacementPlan,

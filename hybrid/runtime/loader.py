@@ -24,6 +24,7 @@ from hybrid.core.config import ModelConfig
 from hybrid.core.knobs import HotSetSize
 from hybrid.core.options import RuntimeOptions, resolve_dense
 from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
+from hybrid.core.progress import bar
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
 from cpu_experts import RowPool
 from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
@@ -263,14 +264,16 @@ def build_model(src: Source, ckpt: Checkpoint, routers: dict, backend: ExpertBac
     with torch.device("meta"):
         model = K2Model(cfg, parts, routers, backend, routes)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedModule)}
-    for name, m in packed.items():
-        m.fill(reader, name)
-    dense = parts[0].dense
-    for name, spec in dense_tensors(cfg).items():
-        if _owner(name, packed):
-            continue
-        value = _tensor(ckpt, reader, name, spec, _dtype_of(name, dt, dense))
-        set_tensor(model, name, value.to(model.devices.tensor_device(name)))
+    plain = {n: spec for n, spec in dense_tensors(cfg).items() if not _owner(n, packed)}
+    with bar(len(packed) + len(plain), "load dense", "tensor") as progress:
+        for name, m in packed.items():
+            m.fill(reader, name)
+            progress.update()
+        dense = parts[0].dense
+        for name, spec in plain.items():
+            value = _tensor(ckpt, reader, name, spec, _dtype_of(name, dt, dense))
+            set_tensor(model, name, value.to(model.devices.tensor_device(name)))
+            progress.update()
     return model.eval()
 
 

@@ -19,7 +19,7 @@ from hybrid.serve.errors import ApiError
 from hybrid.serve.grammar import MAX_PARALLEL_CALLS, Constraint, Schema, Tool
 from hybrid.text.chat import next_call_index
 
-DEFAULT_TEMPERATURE = 0.6      # Moonshot's recommendation for K2-Instruct (K2-REFERENCE §5)
+DEFAULT_TEMPERATURE = 0.6      # Moonshot's recommendation for K2-Instruct (docs/model.md)
 MAX_STOP_STRINGS = 16
 MAX_N = 16                     # choices per request (each is one more generation in the queue)
 MAX_COMPLETION_LOGPROBS = 5    # OpenAI's limit for /v1/completions

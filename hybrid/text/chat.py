@@ -1,6 +1,6 @@
 """Kimi K2's chat format: render a conversation, encode it safely, parse tool calls from the output.
 
-Layout (K2-REFERENCE §4.3; Moonshot's chat_template.jinja), with no newlines between turns:
+Layout (docs/model.md, "Chat template"; Moonshot's chat_template.jinja), with no newlines between turns:
     [<|im_system|>tool_declare<|im_middle|>{tools as compact JSON}<|im_end|>]   only if tools
     [<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM}<|im_end|>]               if messages[0] is not system
     per message: <|im_user|>{name or role}<|im_middle|>...<|im_end|>             role user
@@ -159,7 +159,7 @@ def encode_chat(tok, messages, tools=None, add_generation_prompt=True, *,
 
 def next_call_index(messages: list[dict]) -> int:
     """The IDX the next tool call gets in its id `functions.NAME:IDX`: K2 numbers calls from 0 across the
-    whole conversation (K2-REFERENCE §4.3), so it is the number of calls in earlier assistant turns."""
+    whole conversation (docs/model.md, "Chat template"), so it is the number of calls in earlier assistant turns."""
     return sum(len(m.get("tool_calls") or []) for m in messages
                if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list))
 

@@ -43,7 +43,7 @@ RANKS_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 
 # K2's named special tokens: offset after the last rank -> (name, "special" flag). Offsets = id - 163584
-# (K2-REFERENCE §4.2). Offsets 5, 8 and 16 are unnamed holes in the release, as are 24..253.
+# (docs/model.md, "Tokenizer"). Offsets 5, 8 and 16 are unnamed holes in the release, as are 24..253.
 K2_SPECIAL_TOKENS: dict[int, tuple[str, bool]] = {
     0: ("[BOS]", True),
     1: ("[EOS]", True),

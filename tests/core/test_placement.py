@@ -18,7 +18,7 @@ def test_k2_sizes(k2):
     assert expert_host_bytes(k2, "int4") == 3 * (2048 * 7168 // 2 + 2048 * 224 * 2) == 24_772_608
     # FP8: codes + a [16, 56] float32 scale grid per matrix
     assert expert_host_bytes(k2, "fp8") == 3 * (2048 * 7168 + 16 * 56 * 4)
-    # 576 cached values x 61 layers x 2 bytes = 70,272 bytes per token (K2-REFERENCE 2.7)
+    # 576 cached values x 61 layers x 2 bytes = 70,272 bytes per token (docs/model.md, "Absorbed decode")
     assert kv_cache_bytes(k2, 1, 2) == 70_272
 
 

@@ -200,6 +200,24 @@ def test_k2_thinking_compressed_tensors_int4_is_lossless(tiny_models, tmp_path):
     assert hybrid.load(out, device="cpu").generate(PROMPT, 4, stop_ids=())
 
 
+@pytest.mark.parametrize("kind", ["k2", "v3", "noqlora"])
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_inspect_sizes_the_dense_part_as_a_default_run_keeps_it(tiny_models, kind, weights, capsys):
+    """inspect's dense bytes (quant, which may not import hybrid) equal the placement's for --dense auto in bf16:
+    FP8 linears stay FP8 (issue 27: inspect said 515.7 MiB in bf16 where a run keeps 273.8 MiB)."""
+    from hybrid.core.config import ModelConfig
+    from hybrid.core.placement import dense_device_bytes
+    from quant.cli import main
+    d = tiny_models(kind, weights)
+    assert main(["inspect", str(d), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    cfg = ModelConfig.from_file(d)
+    assert rep["dense_device_bytes"] == dense_device_bytes(cfg, 2, "auto", decoded=False)
+    assert rep["dense_device_bytes"] + rep["dense_decode_buffer_bytes_cuda"] == dense_device_bytes(cfg, 2, "auto")
+    if weights == "fp8":
+        assert rep["dense_device_bytes"] < dense_device_bytes(cfg, 2, "torch", decoded=False)
+
+
 def test_inspect_reports_what_a_run_needs(tiny_models, tmp_path):
     out = convert(tiny_models("k2", "fp8"), tmp_path / "s", "int4", quiet=True)
     for d in (tiny_models("k2", "fp8"), out):
