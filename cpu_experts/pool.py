@@ -37,10 +37,13 @@ def split(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
 _STOP = object()
 
 
+
+MAX_THREADS = 256      # RuntimeOptions checks the same bound (hybrid/core/options.py) before any thread starts
+
 class RowPool:
     def __init__(self, threads: int, spin_us: float = SPIN_US):
-        if not 1 <= threads <= 256:
-            raise ValueError(f"threads={threads}; use 1 to 256")
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads={threads}; use 1 to {MAX_THREADS}")
         if spin_us < 0:
             raise ValueError(f"spin_us={spin_us}; use 0 (never spin) or more")
         self.threads = threads

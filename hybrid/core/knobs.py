@@ -30,16 +30,25 @@ TRANSFER_GRAMMAR = ("auto (one copy per MoE layer every 16 tokens); bytes per to
                     "64MiB (plain digits: bytes); copies per token per MoE layer, e.g. 0.25/layer; or unlimited")
 
 
+MAX_SIZE = 2**60      # 1 EiB: any larger size is a typo (1e400, 1e999GiB), refused instead of overflowing
+
+
 def parse_size(text: str | int | float) -> int:
-    """"2GiB", "500MB", "1.5e9", 123 -> bytes."""
+    """"2GiB", "500MB", "1.5e9", 123 -> bytes; ValueError (naming the value) for a negative, non-finite or
+    absurdly large size."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"a size must be >= 0, got {text}")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 2GiB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        v = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read size {text!r}; write e.g. 2GiB, 500MB or a number of bytes")
+        try:
+            v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        except ValueError:
+            raise ValueError(f"cannot read size {text!r}; write e.g. 2GiB, 500MB or a number of bytes") from None
+    if not 0 <= v <= MAX_SIZE:        # also NaN and inf
+        raise ValueError(f"size {text!r} is out of range; write a size from 0 to 1EiB, e.g. 2GiB")
+    return int(v)
 
 
 def _per_layer(text: str, flag: str, grammar: str) -> float | None:

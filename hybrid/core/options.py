@@ -80,6 +80,11 @@ def _check_devices(device: str, devices: str | None) -> None:
                          f"--devices a map of several)")
 
 
+# Checked before anything starts: threads as the kernel pool allows (cpu_experts.pool.MAX_THREADS; torch would
+# try to start a million threads before the pool refused them); a KV block of more tokens than any context
+# needs only wastes the pool (a block of 1e9 tokens asked for 576 GB at once).
+UPPER_BOUNDS = {"threads": 256, "kv_block_size": 4096}
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = _opt("auto", "auto | cpu | cuda[:N]: where attention, the router, the shared expert, dense "
@@ -145,9 +150,10 @@ class RuntimeOptions:
         if self.experts != "auto":       # an explicit format is known now; "auto" is checked once the store is read
             resolve_hot_set_format(self.hot_set_format, self.experts)
         for name in ("threads", "context", "max_batch", "max_batch_tokens", "kv_block_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            v, hi = getattr(self, name), UPPER_BOUNDS.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1 or (hi and v > hi)):
+                raise ValueError(f"{name} must be an int from 1 to {hi}, got {v!r}" if hi else
+                                 f"{name} must be a positive int, got {v!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False (on/off on the command line), "
                              f"got {self.prefix_cache!r}")

@@ -40,3 +40,25 @@ def test_unknown_or_bad_options_are_refused_before_any_io(tmp_path):
         hybrid.load(tmp_path / "nowhere", gpu_budget="1GiB")
     with pytest.raises(ValueError, match="prefetch='sometimes' is not one of"):
         hybrid.load(tmp_path / "nowhere", prefetch="sometimes")
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"threads": 1_000_000}, "threads must be an int from 1 to 256"),
+    ({"kv_block_size": 10**9}, "kv_block_size must be an int from 1 to 4096"),
+    ({"gpu_memory": "1e400"}, "out of range"), ({"gpu_memory": 1e400}, "out of range"),
+    ({"gpu_memory": float("nan")}, "out of range"), ({"gpu_memory": "1e999GiB"}, "out of range"),
+])
+def test_out_of_range_numbers_are_refused_before_anything_starts(kw, words):
+    """Issue 28 items 1, 8, 9: --threads above 256 started the threads before the pool's check; sizes of 1e400
+    overflowed with a traceback; a KV block of 1e9 tokens allocated 576 GB."""
+    from hybrid.core.options import RuntimeOptions
+    with pytest.raises(ValueError, match=words):
+        opts = RuntimeOptions(**kw)
+        from hybrid.core.placement import parse_size
+        parse_size(opts.gpu_memory)
+
+
+def test_the_thread_bound_is_the_pools():
+    from cpu_experts.pool import MAX_THREADS
+    from hybrid.core.options import UPPER_BOUNDS
+    assert UPPER_BOUNDS["threads"] == MAX_THREADS
