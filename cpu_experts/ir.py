@@ -57,17 +57,24 @@ _AVX512_CPUS = ("icelake-server", "icelake-client", "sapphirerapids", "znver4", 
 
 
 def cpu_features() -> frozenset[str]:
-    """The CPU features Numba compiles for: the host's, or those of NUMBA_CPU_NAME when it names a CPU
-    (plus NUMBA_CPU_FEATURES' "+feat" entries). An unknown CPU name counts as having none of them."""
+    """The CPU features Numba compiles for, as Numba picks them: the host's unless NUMBA_CPU_FEATURES is set
+    (Numba keeps the host's features under NUMBA_CPU_NAME alone); when it is, those of NUMBA_CPU_NAME's CPU
+    (known names only; none for others) with its "+feat" entries added and "-feat" ones removed. E.g. Zen 2
+    (EPYC Rome) on any host: NUMBA_CPU_NAME=znver2 NUMBA_CPU_FEATURES=-avx512f."""
     import os
-    name = os.environ.get("NUMBA_CPU_NAME", "host")
-    if name == "host":
+    spec = os.environ.get("NUMBA_CPU_FEATURES")
+    if not spec:
         return frozenset(f for f, on in ll.get_host_cpu_features().items() if on)
-    extra = {f[1:] for f in os.environ.get("NUMBA_CPU_FEATURES", "").split(",") if f.startswith("+")}
+    name = os.environ.get("NUMBA_CPU_NAME", "generic")
     base = set(ISA_FEATURES["avx2"]) if name in _AVX2_CPUS + _AVX512_CPUS else set()
     if name in _AVX512_CPUS:
         base |= set(ISA_FEATURES["avx512"])
-    return frozenset(base | extra)
+    for f in spec.split(","):
+        if f[:1] in "+-" and f[1:]:
+            (base.add if f[0] == "+" else base.discard)(f[1:])
+    if "avx512f" not in base:                   # as LLVM: no AVX-512 extension without the foundation
+        base = {f for f in base if not f.startswith("avx512")}
+    return frozenset(base)
 
 
 def missing(isa: str) -> tuple[str, ...]:
@@ -409,14 +416,15 @@ def _read_kernel(name: str, prefetch: bool) -> str:
 TOKENS = (1, 2, 4)   # token-block sizes: 1 for decode, 4 (2, 1 for the rest) for prefill. 8 spilled
 #                      registers: int4 prefill fell from 624 to 476 GFLOP/s, fp8/bf16 within noise.
 KERNELS = {}
+KERNEL_ISA = {}            # the ISA each table kernel needs: LLVM aborts on an intrinsic the target lacks
 for _isa in ISAS:
     for _nt in TOKENS:
         for _g in (32, 64, 128):
             _n = f"cx_int4_{_isa}_g{_g}_t{_nt}_v{VERSION}"
-            KERNELS[_n] = _int4_kernel(_n, _g, _nt, _isa)
+            KERNELS[_n], KERNEL_ISA[_n] = _int4_kernel(_n, _g, _nt, _isa), _isa
         for _f in ("fp8", "bf16"):
             _n = f"cx_{_f}_{_isa}_t{_nt}_v{VERSION}"
-            KERNELS[_n] = _float_kernel(_n, _f, _nt, _isa)
+            KERNELS[_n], KERNEL_ISA[_n] = _float_kernel(_n, _f, _nt, _isa), _isa
 KERNELS[f"cx_read_v{VERSION}"] = _read_kernel(f"cx_read_v{VERSION}", False)
 KERNELS[f"cx_read_pf_v{VERSION}"] = _read_kernel(f"cx_read_pf_v{VERSION}", True)
 
@@ -426,12 +434,14 @@ def _emit_call(context, builder, fnames: tuple[str, ...], sig, args, table: bool
 
     table=False: fnames holds one kernel, called with every argument. table=True: the first argument is
     an index into fnames and the call is an LLVM switch over direct calls, one per kernel (static calls,
-    the same machine code as an if-chain of calls; an index out of range calls nothing).
+    the same machine code as an if-chain of calls; an index out of range, or of a kernel whose ISA the
+    compile target lacks (not linked), calls nothing).
     """
     lib = context.active_code_library
     linked = lib.__dict__.setdefault("_cx_linked", set())    # link each kernel once per library
-    for fname in fnames:
-        if fname not in linked:
+    usable = [f not in KERNEL_ISA or supported(KERNEL_ISA[f]) for f in fnames]
+    for fname, ok in zip(fnames, usable):
+        if ok and fname not in linked:
             mod = ll.parse_assembly(_DECLS + KERNELS[fname])
             mod.verify()
             lib.add_llvm_module(mod)
@@ -463,14 +473,16 @@ def _emit_call(context, builder, fnames: tuple[str, ...], sig, args, table: bool
             out_vals.append(vals[i])
             out_tys.append(tys[i])
             i += 1
-    fns = [builder.module.globals.get(f) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), out_tys), f)
-           for f in fnames]
+    fns = [(builder.module.globals.get(f) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), out_tys), f))
+           if ok else None for f, ok in zip(fnames, usable)]
     if index is None:
         builder.call(fns[0], out_vals)
         return context.get_dummy_value()
     done = builder.append_basic_block("cx.done")
     switch = builder.switch(index, done)
     for k, fn in enumerate(fns):
+        if fn is None:
+            continue
         block = builder.append_basic_block(f"cx.k{k}")
         switch.add_case(ir.Constant(ir.IntType(64), k), block)
         with builder.goto_block(block):

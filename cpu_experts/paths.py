@@ -36,11 +36,12 @@ _forced: list[str] = []                        # set_cpu_kernels' choice (the la
 
 
 def set_cpu_kernels(choice: str) -> str:
-    """Use `choice` (one of CPU_KERNELS) for every weight loaded from now on, over HYBRID_CPU_KERNELS;
-    returns the ISA it resolves to. ValueError when the CPU cannot run it."""
-    isa = resolve(choice, f"cpu_kernels={choice!r}")
-    _forced[:] = [choice]
-    return isa
+    """Use `choice` (one of CPU_KERNELS) for every weight loaded from now on, over HYBRID_CPU_KERNELS ("auto":
+    no override, HYBRID_CPU_KERNELS or auto decides); returns active_isa(). ValueError when the CPU cannot
+    run it."""
+    resolve(choice, f"cpu_kernels={choice!r}")
+    _forced[:] = [choice] if choice != "auto" else []
+    return active_isa()
 
 
 def active_isa() -> str:
