@@ -18,11 +18,11 @@ buffer); the dense linears (cpu_experts/linear.py) run the same `down` drivers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
 import functools
 import os
 import sys
+from dataclasses import dataclass
+from types import ModuleType
 
 from quant.formats import FORMAT_NAMES
 
@@ -63,7 +63,9 @@ def resolve(choice: str, source: str) -> str:
             warn_plain(f"the CPU lacks {', '.join(ir.missing(ir.ISAS[-1]))} (the AVX2 kernels need "
                        f"{', '.join(ir.ISA_FEATURES[ir.ISAS[-1]])})")
         return isa
-    if choice != "plain" and not ir.supported(choice):
+    if choice == "plain":
+        warn_plain(f"{source} asks for them")
+    elif not ir.supported(choice):
         raise ValueError(f"{source}: the {choice} kernels need CPU features {', '.join(ir.missing(choice))}, which "
                          f"this CPU lacks; use auto (picks what the CPU runs) or plain")
     return choice
