@@ -1,8 +1,8 @@
 """CPU MoE kernels vs the slow float64 reference (cpu_experts/reference.py), every format and path.
 
 Float-activation paths only (INT4's int8-activation path: tests/kernels/test_cpu_experts_int8.py). Each case
-runs with kernels="plain" (portable Numba) and "auto" (AVX-512 IR kernels for fp8/bf16 when the CPU
-has them; see CpuMoE.paths()).
+runs with kernels="plain" (portable Numba) and "auto" (the IR kernels for fp8/bf16), the latter once per
+instruction set the host runs (the `isa` fixture: AVX-512 and AVX2 on an AVX-512 host; see CpuMoE.paths()).
 
 Tolerance (float-activation path, all formats): |y - ref| <= 5e-5 * max|ref|. The weights the kernels
 use are exactly the reference's dequantized weights, so the only difference is float32 accumulation
