@@ -1,6 +1,7 @@
 """Kernel benchmark: memory read bandwidth, then decode-style and prefill MoE calls per format.
 
     python -m bench.kernels [--pool-gib 4] [--threads N] [--formats int4,fp8,bf16] [--calls 40]
+                            [--cpu-kernels all|avx512|avx2|plain]
 
 E = experts in the pool, H = 7168, I = 2048 (Kimi K2's routed expert), top-8 per token.
 1. Read limit: numpy sum over a large array (one thread), and a Numba read loop with the same thread
@@ -10,6 +11,8 @@ E = experts in the pool, H = 7168, I = 2048 (Kimi K2's routed expert), top-8 per
    bytes of the 8 experts / time, printed as % of the prefetching read loop.
 3. Prefill: 256 tokens routed top-8 over the first 64 experts of the pool, one call, vs the same
    routing as 256 one-token decode calls; tokens/s and GFLOP/s (2 * 3 * H * I per activation).
+Decode and prefill run once per instruction set of the CPU kernels (cpu_experts.paths): every one the
+CPU runs (--cpu-kernels all, the default; plain only when nothing else runs) or the one named.
 Weights are random bytes with valid scales: speed does not depend on the values.
 Bandwidth drifts about +-10 % between runs (docs/kernels.md), so compare figures from one run.
 """
@@ -26,6 +29,8 @@ import numpy as np
 from cpu_experts import CpuMoE
 from cpu_experts.measure import GIB, H, I, TOPK, decode_bw, prefill, random_store, read_bandwidth
 from cpu_experts.moe import physical_cores
+from cpu_experts import ir
+from cpu_experts.paths import CPU_KERNELS, active_isa, set_cpu_kernels
 from quant.formats import get_format
 from quant.layout import make_layout
 
@@ -114,6 +119,36 @@ def ggml_decode(fmt: str, n_experts: int, threads: int, calls: int, rng) -> tupl
     return TOPK * 3 * H * I * bpw / best / 1e9, best
 
 
+def _decode_and_prefill(a, store, threads: int, bw: dict, rng) -> tuple[float, float]:
+    """Decode (and prefill unless --no-prefill) of one store on the active ISA's kernels, printed against the
+    prefetching read loop over the same pool measured just before and after; (that limit, s per decode call)."""
+    fmt, n = store.spec.fmt, store.n_experts
+    moe = CpuMoE({0: store}, threads=threads)
+    moe(0, np.zeros((1, H), np.float32), np.arange(TOPK)[None], np.ones((1, TOPK), np.float32))
+    before = read_bandwidth(store.buffer, threads, False)      # also sweeps the pool once
+    bwf, dt = decode_bw(moe, store, a.calls, rng)
+    after = read_bandwidth(store.buffer, threads, False)
+    lim = [max(v for k, v in r.items() if "prefetch" in k) for r in (before, after)]
+    limit = sum(lim) / 2
+    print(f"decode {fmt:5s} E={n:4d} ({store.buffer.nbytes / GIB:.1f} GiB) path={moe.paths()[0]:9s} "
+          f"isa={active_isa():6s} {dt * 1e3:7.2f} ms/call {bwf:6.1f} GB/s = {100 * bwf / limit:5.1f} % of the "
+          f"prefetching read loop on this pool ({lim[0]:.1f} before, {lim[1]:.1f} after), "
+          f"{100 * bwf / bw['numpy sum, 1 thread']:5.1f} % of numpy sum")
+    if a.baseline:
+        plain = CpuMoE({0: store}, threads=threads, kernels="plain")
+        bwp, dtp = decode_bw(plain, store, max(3, a.calls // 8), rng)
+        print(f"decode {fmt:5s} plain-Numba baseline            {dtp * 1e3:7.2f} ms/call {bwp:6.1f} GB/s = "
+              f"{100 * bwp / limit:5.1f} %")
+        plain.close()
+    if not a.no_prefill:
+        r = prefill(moe, store, rng)
+        print(f"prefill {fmt:5s} isa={active_isa():6s} 256 tokens: {r['prefill tok/s']:7.1f} tok/s "
+              f"{r['prefill GFLOP/s']:6.1f} GFLOP/s; decode path {r['decode-path tok/s']:6.1f} tok/s; "
+              f"prefill/decode = {r['speedup']:.2f}x")
+    moe.close()
+    return limit, dt
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pool-gib", type=float, default=4.0, help="size of each format's expert pool (GiB)")
@@ -122,6 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=40, help="timed decode calls per format")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--baseline", action="store_true", help="also time the plain-Numba kernels (slow)")
+    p.add_argument("--cpu-kernels", default="all", choices=("all", *CPU_KERNELS[1:]),
+                   help="instruction set(s) of the kernels to time (all: every one this CPU runs)")
     a = p.parse_args(argv)
     threads = a.threads or physical_cores()
     rng = np.random.default_rng(0)
@@ -138,38 +175,22 @@ def main(argv=None) -> None:
         have_llama = True
     except ImportError:
         have_llama = False
+    isas = [i for i in ir.ISAS if ir.supported(i)] or ["plain"] if a.cpu_kernels == "all" else [a.cpu_kernels]
     for fmt in a.formats.split(","):
         size = make_layout(fmt, H, I).stride
         n = max(TOPK, int(a.pool_gib * GIB // size))
         store = random_store(fmt, n, rng)
-        moe = CpuMoE({0: store}, threads=threads)
-        moe(0, np.zeros((1, H), np.float32), np.arange(TOPK)[None], np.ones((1, TOPK), np.float32))
-        before = read_bandwidth(store.buffer, threads, False)      # also sweeps the pool once
-        bwf, dt = decode_bw(moe, store, a.calls, rng)
-        after = read_bandwidth(store.buffer, threads, False)
-        lim = [max(v for k, v in r.items() if "prefetch" in k) for r in (before, after)]
-        limit = sum(lim) / 2
-        print(f"decode {fmt:5s} E={n:4d} ({n * size / GIB:.1f} GiB) path={moe.paths()[0]:9s} {dt * 1e3:7.2f} ms/call "
-              f"{bwf:6.1f} GB/s = {100 * bwf / limit:5.1f} % of the prefetching read loop on this pool "
-              f"({lim[0]:.1f} before, {lim[1]:.1f} after), {100 * bwf / bw['numpy sum, 1 thread']:5.1f} % of numpy sum")
-        if a.baseline:
-            plain = CpuMoE({0: store}, threads=threads, kernels="plain")
-            bwp, dtp = decode_bw(plain, store, max(3, a.calls // 8), rng)
-            print(f"decode {fmt:5s} plain-Numba baseline            {dtp * 1e3:7.2f} ms/call {bwp:6.1f} GB/s = "
-                  f"{100 * bwp / limit:5.1f} %")
-            plain.close()
-        if not a.no_prefill:
-            r = prefill(moe, store, rng)
-            print(f"prefill {fmt:5s} 256 tokens: {r['prefill tok/s']:7.1f} tok/s {r['prefill GFLOP/s']:6.1f} GFLOP/s; "
-                  f"decode path {r['decode-path tok/s']:6.1f} tok/s; prefill/decode = {r['speedup']:.2f}x")
-        moe.close()
-        del moe, store
+        dt = None
+        for isa in isas:
+            set_cpu_kernels(isa)
+            limit, dt = _decode_and_prefill(a, store, threads, bw, rng)
+        del store
         if have_llama:
             try:
                 gbw, gdt = ggml_decode(fmt, n, threads, a.calls, rng)
-                print(f"decode {fmt:5s} llama.cpp ggml {get_format(fmt).ggml_type:5s} (same shapes, E={n}, {threads} thr) "
-                      f"{gdt * 1e3:7.2f} ms/call {gbw:6.1f} GB/s = {100 * gbw / limit:5.1f} %; ours/ggml time = "
-                      f"{dt / gdt:.2f}")
+                print(f"decode {fmt:5s} llama.cpp ggml {get_format(fmt).ggml_type:5s} (same shapes, E={n}, {threads} "
+                      f"thr) {gdt * 1e3:7.2f} ms/call {gbw:6.1f} GB/s = {100 * gbw / limit:5.1f} %; ours ({isas[-1]})/"
+                      f"ggml time = {dt / gdt:.2f}")
             except (OSError, AttributeError, MemoryError) as exc:
                 print(f"decode {fmt:5s} llama.cpp ggml: failed ({exc}), skipped")
     if not have_llama:

@@ -1,25 +1,26 @@
 """BF16 expert kernels, fast path (cpu_experts/ir.py), float32 activations and accumulation.
 
 Contract as cpu_experts/fp8_avx512.py (pairs grouped by expert, x f32 [P, H] in pair order).
-Needs H and I multiples of 32 and ir.supported().
+Needs H and I multiples of 32 and ir.supported(isa); `isa` (an index into ir.ISAS)
+picks the AVX-512 or the AVX2 kernels, which read the same layouts.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, token_index
+from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, float_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
 @kernel
-def _call(nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
-    """The IR kernel of ir.FLOAT_TABLES["bf16"] for this token-block size; both rows from w."""
-    ir.bf16(token_index(nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
+def _call(isa, nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
+    """The IR kernel of ir.FLOAT_TABLES["bf16"] for this ISA (index into ir.ISAS) and token-block size; both rows from w."""
+    ir.bf16(float_index(isa, nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
 
 
 @kernel
-def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0, r1, act):
+def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, isa, pfd, r0, r1, act):
     """act[p, r] = silu(gate . x_p) * (up . x_p) for r in [r0, r1); x f32 [P, H] in pair order."""
     for k in range(grp_e.shape[0]):
         base = grp_e[k] * stride
@@ -36,7 +37,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0
                 while q < n:
                     nt = _block(n - q)
                     xo = (p0 + q) * H + c0
-                    _call(nt, buf8, base + lay[0] + (rb * H + c0) * 2, base + lay[1] + (rb * H + c0) * 2, x, xo, x, xo,
+                    _call(isa, nt, buf8, base + lay[0] + (rb * H + c0) * 2, base + lay[1] + (rb * H + c0) * 2, x, xo, x, xo,
                           H, 2 * H, nc // 32, nr, g, q * ROW_BLOCK, u, q * ROW_BLOCK, 1, ROW_BLOCK, pfd,
                           1 if c0 > 0 else 0)
                     q += nt
@@ -46,7 +47,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0
 
 
 @kernel
-def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, act, pfd, r0, r1, out):
+def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, act, isa, pfd, r0, r1, out):
     """out[tok[p], h] += wts[p] * (down_h . act[p]) for h in [r0, r1); act f32 [P, I]."""
     for k in range(grp_e.shape[0]):
         base = grp_e[k] * stride
@@ -68,11 +69,11 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
                     xo, yo = (p0 + q) * I + c0, q * ROW_BLOCK
                     if nr >= 2:  # row pairs (A, A + db), see int4_vnni.row_pairs
                         db, st = row_pairs(nr, 2 * I, pfd)
-                        _call(nt, buf8, wo + 2 * c0, wo + db * 2 * I + 2 * c0, act, xo, act, xo, I, st * 2 * I,
+                        _call(isa, nt, buf8, wo + 2 * c0, wo + db * 2 * I + 2 * c0, act, xo, act, xo, I, st * 2 * I,
                               nc // 32, nr // 2, y, yo, y, yo + db, st, ROW_BLOCK, pfd, acc)
                     if nr % 2:   # the last row runs as both A and B; B's result goes to a scratch row
                         wl = wo + (nr - 1) * 2 * I + 2 * c0
-                        _call(nt, buf8, wl, wl, act, xo, act, xo, I, 2 * I, nc // 32, 1, y, yo + nr - 1, junk, 0,
+                        _call(isa, nt, buf8, wl, wl, act, xo, act, xo, I, 2 * I, nc // 32, 1, y, yo + nr - 1, junk, 0,
                               1, ROW_BLOCK, pfd, acc)
                     q += nt
             for q in range(n):

@@ -5,7 +5,7 @@ T = tokens, P = (token, expert) pairs grouped by expert (group k = pairs grp_ptr
 grp_e[k]), H = hidden, I = inter. Every function adds sum over its pairs of w[p] * Expert(x[tok[p]]) into
 out [T, H] float32; x [T, H] float32 C-contiguous. Which kernels run is the layer's path
 (cpu_experts/paths.py):
-  - run_fast ("int4-int8" / "avx512"): the IR kernels, for decode and prefill alike: a block of ROW_BLOCK
+  - run_fast ("int4-int8" / "avx512" / "avx2"): the IR kernels (of paths.active_isa()), for decode and prefill alike: a block of ROW_BLOCK
     weight rows is decoded in registers for up to 4 tokens at a time and serves every token of its
     expert's group while it sits in L2, so a call reads each chosen expert's weights once;
   - run_rows ("plain"): per-pair Numba kernels, for experts chosen by few tokens;
@@ -20,7 +20,7 @@ from quant.store import LayerStore
 
 from cpu_experts import int4_vnni, ir
 from cpu_experts.jit import PREFETCH_BYTES
-from cpu_experts.paths import KERNELS
+from cpu_experts.paths import KERNELS, isa_index
 from cpu_experts.pool import RowPool
 
 TILE_ROWS = 256          # rows per dequantized tile: 256 x 7168 f32 = 7.3 MB, stays in the 32 MB L3
@@ -40,7 +40,8 @@ class ExpertLayer:
         self.store, self.path = store, path
         self.mod = KERNELS[s.fmt].plain
         self.fast = KERNELS[s.fmt].fast if path != "plain" else None
-        self.order = ir.fp8_order(s.hidden) if s.fmt == "fp8" and path == "avx512" else None
+        self.isa = np.int64(isa_index(path)) if path != "plain" else None    # the fast drivers' ISA argument
+        self.order = ir.fp8_order(s.hidden) if s.fmt == "fp8" and path in ir.ISAS else None
         buf = np.asarray(store.buffer)            # drop the np.memmap subclass (no copy)
         self.buf8, self.buf16, self.buf32 = buf, buf.view(np.uint16), buf.view(np.float32)
         names = ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")
@@ -56,19 +57,19 @@ def run_fast(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out, part
     H, I = L.store.spec.hidden, L.store.spec.inter
     act = np.empty((tok.size, I), dtype=np.float32)
     pfd = np.int64(PREFETCH_BYTES[L.store.spec.fmt])
-    if L.path == "avx512":
+    if L.path in ir.ISAS:
         if L.order is not None:                   # the fp8 kernel reads activations in its own order
             x = x[:, L.order]
-        pool.run(L.fast.gateup, (*L.head, grp_e, grp_ptr, x[tok], pfd, act), I, align=128, parts=parts)
-        pool.run(L.fast.down, (*L.head, grp_e, grp_ptr, tok, w, act, pfd, out), H, align=128, parts=parts)
+        pool.run(L.fast.gateup, (*L.head, grp_e, grp_ptr, x[tok], L.isa, pfd, act), I, align=128, parts=parts)
+        pool.run(L.fast.down, (*L.head, grp_e, grp_ptr, tok, w, act, L.isa, pfd, out), H, align=128, parts=parts)
         return
     xq, xs, xc = int8_buffers(x.shape[0], H)              # quantize each token once, then gather
     int4_vnni.prepare_int8(x, xq, xs, xc)
     xq, xs, xc = xq[tok], xs[tok], xc[tok]
-    pool.run(int4_vnni.gateup, (*L.head, grp_e, grp_ptr, xq, xs, xc, pfd, act), I, align=128, parts=parts)
+    pool.run(int4_vnni.gateup, (*L.head, grp_e, grp_ptr, xq, xs, xc, L.isa, pfd, act), I, align=128, parts=parts)
     aq, as_, ac = int8_buffers(tok.size, I)
     int4_vnni.prepare_int8(act, aq, as_, ac)
-    pool.run(int4_vnni.down, (*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, pfd, out), H, align=128, parts=parts)
+    pool.run(int4_vnni.down, (*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, L.isa, pfd, out), H, align=128, parts=parts)
 
 
 def run_rows(pool: RowPool, L: ExpertLayer, grp_e, grp_ptr, tok, w, x, out, parts: int | None = None) -> None:

@@ -5,14 +5,15 @@ Contract as cpu_experts/int4_vnni.py (pairs grouped by expert, activations in pa
 x f32 [P, H]. Inside a 128-row block every row shares the same column-block scales, so the driver
 multiplies the activations once per (128-row block, token) by the expanded scales (and permutes them
 to the kernel's order) and the IR loop is pure decode + FMA: 1/128 of extra work instead of a
-multiply per weight. Needs H and I multiples of 64 and ir.supported().
+multiply per weight. Needs H and I multiples of 64 and ir.supported(isa); `isa` (an index into ir.ISAS)
+picks the AVX-512 or the AVX2 kernels, which read the same layouts.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from cpu_experts import ir
-from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, token_index
+from cpu_experts.int4_vnni import _block, prefetch_next, row_pairs, float_index
 from cpu_experts.jit import COL_BLOCK, ROW_BLOCK, kernel
 
 
@@ -46,28 +47,28 @@ def _pos(r):
 
 
 @kernel
-def _call(nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
-    """The IR kernel of ir.FLOAT_TABLES["fp8"] for this token-block size; both rows from w."""
-    ir.fp8(token_index(nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
+def _call(isa, nt, w, owa, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum):
+    """The IR kernel of ir.FLOAT_TABLES["fp8"] for this ISA (index into ir.ISAS) and token-block size; both rows from w."""
+    ir.fp8(float_index(isa, nt), w, owa, w, owb, xa, oxa, xb, oxb, tx, wst, nch, n, oa, ooa, ob, oob, ost, otst, pfd, accum)
 
 
 @kernel
-def _rows(nt, buf8, wo, rowb, nr, x, xo, tx, nc, out, oo, pfd, acc):
+def _rows(isa, nt, buf8, wo, rowb, nr, x, xo, tx, nc, out, oo, pfd, acc):
     """nr consecutive rows from byte wo (rowb bytes apart), in pairs (row_pairs) plus a single tail row, for nt tokens:
     out[oo + t * ROW_BLOCK + i] (+)= row i . x[xo + t * tx :]."""
     if nr >= 2:
         db, st = row_pairs(nr, rowb, pfd)
-        _call(nt, buf8, wo, wo + db * rowb, x, xo, x, xo, tx, st * rowb, nc // 64, nr // 2, out, oo, out, oo + db, st,
+        _call(isa, nt, buf8, wo, wo + db * rowb, x, xo, x, xo, tx, st * rowb, nc // 64, nr // 2, out, oo, out, oo + db, st,
               ROW_BLOCK, pfd, acc)
     if nr % 2:           # the single last row runs as both A and B; B's result goes to a scratch row
         wl = wo + (nr - 1) * rowb
         junk = np.empty(4 * ROW_BLOCK, np.float32)
-        _call(nt, buf8, wl, wl, x, xo, x, xo, tx, rowb, nc // 64, 1, out, oo + nr - 1, junk, 0, 1,
+        _call(isa, nt, buf8, wl, wl, x, xo, x, xo, tx, rowb, nc // 64, 1, out, oo + nr - 1, junk, 0, 1,
               ROW_BLOCK, pfd, acc)
 
 
 @kernel
-def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0, r1, act):
+def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, isa, pfd, r0, r1, act):
     """act[p, pos(r)] = silu(gate . x_p) * (up . x_p) for r in [r0, r1); x f32 [P, H] in pair order, each
     row permuted by ir.fp8_order(H); act comes out in the same kind of order (ir.fp8_order(I)).
 
@@ -100,7 +101,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0
                         q = 0
                         while q < n:
                             nt = _block(n - q)
-                            _rows(nt, buf8, base + lay[m] + rb * H + c0, H, nr, xm, q * H + c0, H, nc,
+                            _rows(isa, nt, buf8, base + lay[m] + rb * H + c0, H, nr, xm, q * H + c0, H, nc,
                                   om.reshape(-1), q * ROW_BLOCK, pfd, 1 if c0 > 0 else 0)
                             q += nt
                 for q in range(n):                    # act is written in the kernel's order, for down()
@@ -110,7 +111,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, x, pfd, r0
 
 
 @kernel
-def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, act, pfd, r0, r1, out):
+def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, act, isa, pfd, r0, r1, out):
     """out[tok[p], h] += wts[p] * (down_h . act[p]) for h in [r0, r1); act f32 [P, I] as gateup wrote it
     (kernel order); out in natural order."""
     nbc = (I + 127) // 128
@@ -134,7 +135,7 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, ac
                     q = 0
                     while q < n:
                         nt = _block(n - q)
-                        _rows(nt, buf8, base + lay[2] + hb * I + c0, I, nr, xd, q * I + c0, I, nc, y.reshape(-1),
+                        _rows(isa, nt, buf8, base + lay[2] + hb * I + c0, I, nr, xd, q * I + c0, I, nc, y.reshape(-1),
                               q * ROW_BLOCK, pfd, 1 if c0 > 0 else 0)
                         q += nt
                 for q in range(n):

@@ -5,7 +5,9 @@ plain kernels, activations are in pair order (row p = the token of pair p) and p
 prepare_int8: per 128 inputs (one 64-byte weight chunk) a float scale s = max|x| / 127, int8 codes
 rint(x / s) reordered to match the packed nibbles, and the per-lane correction -8 * sum(codes).
 Quantizing the activations changes outputs by about 1e-2 of max|y| (llama.cpp's Q4_0 x Q8_0 does the
-same); cpu_experts/int4.py is the exact float-activation path. Requires ir.supported().
+same); cpu_experts/int4.py is the exact float-activation path. The drivers take `isa`, an index into
+ir.ISAS: the AVX-512 (vpdpbusd) or AVX2 (vpmaddubsw + vpmaddwd) kernels, same data layout; the caller
+checks ir.supported(isa).
 
 Each thread takes rows [r0, r1) of every expert; rows go in blocks of ROW_BLOCK, and every token of
 the group uses a block while it is in L2 (in registers, 4 tokens at a time): prefill reads each
@@ -81,22 +83,31 @@ def token_index(nt):
 
 
 @kernel
-def int4_index(gs, nt):
-    """Position of the kernel for group size gs and token block nt in ir.INT4_TABLE."""
-    return (0 if gs == 32 else (1 if gs == 64 else 2)) * 3 + token_index(nt)
+def float_index(isa, nt):
+    """Position of the kernel for instruction set isa (index into ir.ISAS) and token block nt in the float
+    kernel tables (ir.FLOAT_TABLES)."""
+    return isa * 3 + token_index(nt)
 
 
 @kernel
-def _call(gs, nt, w, owa, owb, osa, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n, oa, ooa, ob, oob, ost,
+def int4_index(isa, gs, nt):
+    """Position of the kernel for instruction set isa (index into ir.ISAS), group size gs and token block nt
+    in ir.INT4_TABLE."""
+    return (isa * 3 + (0 if gs == 32 else (1 if gs == 64 else 2))) * 3 + token_index(nt)
+
+
+@kernel
+def _call(isa, gs, nt, w, owa, owb, osa, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch, n, oa, ooa, ob, oob, ost,
           otst, pfd):
-    """The IR kernel of ir.INT4_TABLE for this group size and token-block size; codes and scales from w."""
-    ir.int4_vnni(int4_index(gs, nt), w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch,
+    """The IR kernel of ir.INT4_TABLE for this ISA, group size and token-block size; codes and scales from w."""
+    ir.int4_vnni(int4_index(isa, gs, nt), w, owa, w, owb, w, osa, w, osb, sst, xq, oxq, xs, oxs, cr, ocr, tx, wst, nch,
                  n, oa, ooa, ob, oob, ost, otst, pfd, 0)
 
 
 @kernel
-def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, xq, xs, corr, pfd, r0, r1, act):
-    """act[p, r] = silu(gate . x_p) * (up . x_p) for r in [r0, r1); x_p = prepared activations row p.
+def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, xq, xs, corr, isa, pfd, r0, r1, act):
+    """act[p, r] = silu(gate . x_p) * (up . x_p) for r in [r0, r1); x_p = prepared activations row p; isa: the
+    kernels' instruction set, an index into ir.ISAS (the caller checks ir.supported for it).
 
     Gate row r and up row r go through the kernel together (two weight streams). One-stream passes
     (two gate rows at a time, then two up rows) measured slower: 38.4 vs 44.9 GB/s for K2 decode.
@@ -112,7 +123,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, xq, xs, co
             p = grp_ptr[k]
             while p < grp_ptr[k + 1]:
                 nt = _block(grp_ptr[k + 1] - p)
-                _call(gs, nt, buf8, base + lay[0] + rb * rowb, base + lay[1] + rb * rowb,
+                _call(isa, gs, nt, buf8, base + lay[0] + rb * rowb, base + lay[1] + rb * rowb,
                       base + lay[3] + rb * srow, base + lay[4] + rb * srow, srow,
                       xq, p * H, xs, p * nch, corr, p * nch * 16, H, rowb, nch, nr, g, 0, u, 0, 1, ROW_BLOCK, pfd)
                 for t in range(nt):
@@ -122,7 +133,7 @@ def gateup(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, xq, xs, co
 
 
 @kernel
-def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, aq, as_, acorr, pfd, r0, r1, out):
+def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, aq, as_, acorr, isa, pfd, r0, r1, out):
     """out[tok[p], h] += wts[p] * (down_h . act_p) for h in [r0, r1); act prepared as aq/as_/acorr [P, ...]."""
     nch = I // 128
     rowb, srow = I // 2, (I // gs) * 2
@@ -139,11 +150,11 @@ def down(buf8, buf16, buf32, stride, lay, H, I, gs, grp_e, grp_ptr, tok, wts, aq
                 nt = _block(grp_ptr[k + 1] - p)
                 if nr >= 2:      # row pairs (A, A + db), see row_pairs
                     db, st = row_pairs(nr, rowb, pfd)
-                    _call(gs, nt, buf8, wo, wo + db * rowb, so, so + db * srow, st * srow, aq, p * I, as_, p * nch,
+                    _call(isa, gs, nt, buf8, wo, wo + db * rowb, so, so + db * srow, st * srow, aq, p * I, as_, p * nch,
                           acorr, p * nch * 16, I, st * rowb, nch, nr // 2, y, 0, y, db, st, ROW_BLOCK, pfd)
                 if nr % 2:
                     wl, sl = wo + (nr - 1) * rowb, so + (nr - 1) * srow
-                    _call(gs, nt, buf8, wl, wl, sl, sl, srow, aq, p * I, as_, p * nch, acorr, p * nch * 16, I,
+                    _call(isa, gs, nt, buf8, wl, wl, sl, sl, srow, aq, p * I, as_, p * nch, acorr, p * nch * 16, I,
                           rowb, nch, 1, y, nr - 1, y, nr - 1, 1, ROW_BLOCK, pfd)
                 for t in range(nt):
                     for i in range(nr):

@@ -17,7 +17,7 @@ How: a PackedMatrix lays each group out as one expert's down matrix (quant/packe
 experts' `down` driver with the groups as experts and the pairs p = g * T + t (weights 1, out zeroed
 first): the same IR kernels read each weight row block once for all T tokens (prefill) and reach the
 experts' bandwidth at T = 1 (decode). A dense MLP is a one-expert LayerStore run by cpu_experts/experts.py:
-two pool calls (gate/up with SiLU, then down). The path (cpu_experts/paths.py): "int4-int8", "avx512" or
+two pool calls (gate/up with SiLU, then down). The path (cpu_experts/paths.py): "int4-int8", "avx512", "avx2" or
 "plain", which the `path` attribute tells; a shape the fast kernels cannot take runs plain.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from quant.store import LayerStore, StoreSpec
 from cpu_experts import fp8_avx512, int4_vnni, ir
 from cpu_experts.experts import TILE_ROWS, ExpertLayer, int8_buffers, run_fast, run_rows, run_tile, warm_up
 from cpu_experts.jit import PREFETCH_BYTES
-from cpu_experts.paths import KERNELS, choose_path
+from cpu_experts.paths import KERNELS, choose_path, isa_index
 from cpu_experts.pool import RowPool
 
 SERIAL_BYTES = 256 << 10     # a product reading fewer weight bytes runs on the calling thread alone: a
@@ -68,7 +68,8 @@ class PackedLinear:
         lay = np.array([0, 0, 0, 0, 0, w.scale_offset], np.int64)       # codes as "down", scales as "down_scale"
         self._head = (buf, buf.view(np.uint16), buf.view(np.float32), np.int64(w.stride), lay,
                       np.int64(w.rows), np.int64(w.cols), np.int64(w.group_size))
-        self._order = ir.fp8_order(w.cols) if w.fmt == "fp8" and self.path == "avx512" else None
+        self._order = ir.fp8_order(w.cols) if w.fmt == "fp8" and self.path in ir.ISAS else None
+        self._isa = np.int64(isa_index(self.path)) if self.path != "plain" else None
         self._pfd = np.int64(PREFETCH_BYTES[w.fmt])
         self._parts = 1 if w.nbytes < SERIAL_BYTES else None
         self._scratch: dict[int, _Scratch] = {}
@@ -108,12 +109,12 @@ class PackedLinear:
         n = N if rows is None else rows
         if self.path == "int4-int8":
             int4_vnni.prepare_int8(xp, *s.q)
-            args = (*s.args, *s.q, self._pfd, o2)
-        elif self.path == "avx512":
+            args = (*s.args, *s.q, self._isa, self._pfd, o2)
+        elif self.path in ir.ISAS:
             if self._order is not None:
                 fp8_avx512.in_kernel_order(xp, self._order, s.xo)
                 xp = s.xo
-            args = (*s.args, xp, self._pfd, o2)
+            args = (*s.args, xp, self._isa, self._pfd, o2)
         elif T >= TILE_MIN_TOKENS:
             self._tiles(xp, out.reshape(T, G, N), pool, n)
             return out

@@ -9,7 +9,7 @@ T = tokens, k = experts per token, P = (token, expert) pairs, H = hidden, I = in
 One background thread takes submitted calls in order; it groups the pairs by expert and drives a
 RowPool of `threads` threads (itself included) through nogil Numba kernels. Every thread takes a
 contiguous range of rows of *every* selected expert (rows x experts), gate/up first, then a barrier,
-then down. Which kernels run depends on the layer (paths()): the IR kernels ("int4-int8" / "avx512")
+then down. Which kernels run depends on the layer (paths()): the IR kernels ("int4-int8" / "avx512" / "avx2")
 for every call, or the plain Numba kernels with a dequantized-tile GEMM for experts chosen by
 >= tile_min_tokens tokens (cpu_experts/experts.py holds both, shared with the dense MLPs).
 The caller must not modify `hidden` until wait() returned.
@@ -119,7 +119,7 @@ class CpuMoE:
             return dict(self._stats, threads=self.threads)
 
     def paths(self) -> dict:
-        """{layer: "int4-int8" | "avx512" | "plain"}: the kernels each layer runs."""
+        """{layer: "int4-int8" | "avx512" | "avx2" | "plain"}: the kernels each layer runs."""
         return {i: L.path for i, L in self._layers.items()}
 
     def close(self) -> None:

@@ -5,13 +5,19 @@ forward (recording max logits and expert loads) -> backward -> aux-loss-free bia
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from train.balance import balance_bias_, imbalance
 from train.model import TrainModel
 from train.optim import MuonClip
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): the training default for autocast."""
+    from cpu_experts.ir import cpu_features
+    return bool({"avx512bf16", "amx-bf16"} & cpu_features())
 
 
 @dataclass(frozen=True)
@@ -25,8 +31,9 @@ class Schedule:
     balance_u: float = 1e-3        # bias update speed (DeepSeek-V3's 0.001)
     seed: int = 0
     # bf16 autocast of the matmuls (weights, gradients and optimizer state stay float32): 1.7x faster
-    # steps on this AVX512-BF16 CPU (1.64 vs 2.81 s for 16 x 256 tokens of the tiny model, one thread)
-    bf16: bool = True
+    # steps on an AVX512-BF16 CPU (1.64 vs 2.81 s for 16 x 256 tokens of the tiny model, one thread); on a
+    # CPU without it torch emulates bf16, ~3x slower than float32, so the default follows the CPU
+    bf16: bool = field(default_factory=cpu_has_bf16)
 
     def __post_init__(self):
         for name in ("steps", "batch", "seq"):

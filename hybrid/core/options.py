@@ -125,6 +125,11 @@ class RuntimeOptions:
     activations: str = _opt("auto", "INT4 kernels: auto = int8 activations (VNNI dot products, ~1e-2 of max|y| "
                                     "from exact, like llama.cpp's Q4_0 x Q8_0) | float (exact, slow)",
                             ACTIVATION_CHOICES)
+    cpu_kernels: str = _opt("auto", "instruction set of the CPU kernels: auto = avx512 where the CPU has avx512f, "
+                                    "avx512bw, avx512vl, avx512vnni, avx512vbmi and fma, else avx2 (avx2, fma, f16c), "
+                                    "else plain (portable, 35-100x slower) | avx512 | avx2 | plain (an error if the "
+                                    "CPU lacks its features); HYBRID_CPU_KERNELS sets it too",
+                            ("auto", "avx512", "avx2", "plain"))    # = cpu_experts.paths.CPU_KERNELS (a test checks)
     max_batch: int = _opt(8, "sequences one forward step may carry: decode tokens of running requests plus prompt "
                              "chunks of new ones", cli_type=int)
     max_batch_tokens: int = _opt(512, "tokens per forward step; a longer prompt is prefilled in chunks of this "

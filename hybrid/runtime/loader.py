@@ -27,6 +27,7 @@ from hybrid.core.placement import PlacementPlan, parse_size, plan_placement
 from hybrid.core.progress import bar
 from hybrid.core.weights import FP32_SUFFIXES, dense_tensors, expert_tensors, is_ignored
 from cpu_experts import RowPool
+from cpu_experts.paths import set_cpu_kernels
 from hybrid.runtime.backends import build_cpu_backend, build_stores, build_torch_experts
 from hybrid.runtime.dense import DenseModules, PackedModule, modules_for
 from hybrid.runtime.device import resolve_devices, resolve_dtype, resolve_threads
@@ -89,6 +90,7 @@ load.__signature__ = inspect.Signature(
 
 def load_with(model_dir: str | Path, opts: RuntimeOptions) -> Engine:
     """hybrid.load with the options already checked (the CLI builds them from its flags)."""
+    set_cpu_kernels(opts.cpu_kernels)       # before any I/O: a forced ISA the CPU lacks fails here
     src = resolve_source(model_dir, opts)
     torch.set_num_threads(src.threads)
     placement = None

@@ -1,8 +1,8 @@
 """CPU MoE kernels vs the slow float64 reference (cpu_experts/reference.py), every format and path.
 
 Float-activation paths only (INT4's int8-activation path: tests/kernels/test_cpu_experts_int8.py). Each case
-runs with kernels="plain" (portable Numba) and "auto" (AVX-512 IR kernels for fp8/bf16 when the CPU
-has them; see CpuMoE.paths()).
+runs with kernels="plain" (portable Numba) and "auto" (the IR kernels for fp8/bf16), the latter once per
+instruction set the host runs (the `isa` fixture: AVX-512 and AVX2 on an AVX-512 host; see CpuMoE.paths()).
 
 Tolerance (float-activation path, all formats): |y - ref| <= 5e-5 * max|ref|. The weights the kernels
 use are exactly the reference's dequantized weights, so the only difference is float32 accumulation
@@ -75,14 +75,11 @@ def _moe(stores, kernels, **kw):
 @pytest.mark.parametrize("T", [1, 3, 7, 33])
 @pytest.mark.parametrize("path", ["rows", "tile", "mixed"])
 @pytest.mark.parametrize("kernels", ["plain", "auto"])
-def test_small_shapes_all_paths(small, T, path, kernels):
+def test_small_shapes_all_paths(small, T, path, kernels, isa):
     rng = np.random.default_rng(T)
     tmin = {"rows": 10**9, "tile": 1, "mixed": 4}[path]
     moe = _moe({0: small}, kernels, threads=2, tile_min_tokens=tmin)
-    if kernels == "plain" or small.spec.fmt == "int4" or not ir.supported():
-        assert moe.paths() == {0: "plain"}
-    else:
-        assert moe.paths() == {0: "avx512"}
+    assert moe.paths() == {0: "plain" if kernels == "plain" or small.spec.fmt == "int4" else isa}
     x = rng.standard_normal((T, small.spec.hidden), dtype=np.float32)
     ids, w = _routing(rng, T, 4, small.n_experts, unused=(1, 7), all_pick=3)
     got = _check(moe, small, x, ids, w)
@@ -196,9 +193,8 @@ def test_mmap_store_runs(tmp_path, small):
     moe.close()
 
 
-@pytest.mark.skipif(not ir.supported(), reason="CPU lacks AVX-512: the IR kernels are not used")
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
-def test_avx512_drivers_on_odd_row_ranges(fmt):
+def test_fast_drivers_on_odd_row_ranges(fmt, isa):
     """Row ranges that are not multiples of the row pairs / blocks, and groups of 1, 2, 4+4+4+2+1 tokens."""
     from cpu_experts import bf16_avx512, fp8_avx512
     from cpu_experts.experts import ExpertLayer
@@ -207,7 +203,7 @@ def test_avx512_drivers_on_odd_row_ranges(fmt):
     H, I, E = 2048 + 128, 1024 + 128, 3             # 3 and 2 column blocks of 1024
     src = _float_experts(rng, H, I, E)
     store = LayerStore.build(StoreSpec(fmt, H, I), E, lambda e: src[e])
-    L = ExpertLayer(store, "avx512")
+    L = ExpertLayer(store, isa)
     T = 15
     x = rng.standard_normal((T, H), dtype=np.float32)
     pairs = [(2, t) for t in range(15)] + [(0, 3)] + [(1, 5), (1, 6)]       # blocks of 4, 4, 4, 2, 1 tokens
@@ -217,10 +213,10 @@ def test_avx512_drivers_on_odd_row_ranges(fmt):
     act = np.zeros((len(pairs), I), np.float32)
     xin = x[:, ir.fp8_order(H)] if fmt == "fp8" else x            # fp8 kernels take their own order
     for r0, r1 in ((0, 45), (45, 200), (200, I)):
-        mod.gateup(*L.head, grp_e, grp_ptr, xin[tok], 8192, r0, r1, act)
+        mod.gateup(*L.head, grp_e, grp_ptr, xin[tok], L.isa, 8192, r0, r1, act)
     out = np.zeros((T, H), np.float32)
     for r0, r1 in ((0, 37), (37, 1001), (1001, H)):
-        mod.down(*L.head, grp_e, grp_ptr, tok, w, act, 8192, r0, r1, out)
+        mod.down(*L.head, grp_e, grp_ptr, tok, w, act, L.isa, 8192, r0, r1, out)
     ref = np.zeros((T, H))
     nat = act[:, np.argsort(ir.fp8_order(I))] if fmt == "fp8" else act
     for p, (e, t) in enumerate(pairs):

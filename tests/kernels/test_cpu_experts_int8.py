@@ -16,7 +16,7 @@ from cpu_experts import CpuMoE, LayerStore, StoreSpec, ir, reference
 from cpu_experts import int4_vnni
 from cpu_experts.experts import ExpertLayer
 
-pytestmark = pytest.mark.skipif(not ir.supported(), reason="CPU lacks AVX-512 VNNI/F16C: fast path not used")
+pytestmark = pytest.mark.skipif(not any(map(ir.supported, ir.ISAS)), reason="CPU runs no IR kernels: fast path not used")
 TOL = 5e-5
 
 
@@ -59,7 +59,7 @@ def test_prepare_int8_layout_scale_and_correction():
 
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("shape", [(256, 128), (7168, 2048)])
-def test_vnni_kernels_equal_the_emulation(gs, shape):
+def test_vnni_kernels_equal_the_emulation(gs, shape, isa):
     H, I = shape
     if H > 1000 and gs != 32:        # before making 88 M random weights that would not be used
         pytest.skip("K2 shape is checked with group 32 only (what K2 ships)")
@@ -82,7 +82,7 @@ def test_vnni_kernels_equal_the_emulation(gs, shape):
     act = np.zeros((len(pairs), I), np.float32)
     mid = I // 2 + 3                                        # two uneven row ranges, as two threads would
     for r0, r1 in ((0, mid), (mid, I)):
-        int4_vnni.gateup(*L.head, grp_e, grp_ptr, xq, xs, xc, 8192, r0, r1, act)
+        int4_vnni.gateup(*L.head, grp_e, grp_ptr, xq, xs, xc, ir.ISAS.index(isa), 8192, r0, r1, act)
     xd = dequant_act(x).astype(np.float64)
     deq = {e: store.dequantize(e) for e in range(E)}
     for p, (e, t) in enumerate(pairs):
@@ -92,7 +92,7 @@ def test_vnni_kernels_equal_the_emulation(gs, shape):
     aq, as_, ac = prepare(act)
     out = np.zeros((T, H), np.float32)
     for r0, r1 in ((0, 37), (37, H)):                      # odd row counts exercise the single-row tail
-        int4_vnni.down(*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, 8192, r0, r1, out)
+        int4_vnni.down(*L.head, grp_e, grp_ptr, tok, w, aq, as_, ac, ir.ISAS.index(isa), 8192, r0, r1, out)
     ad = dequant_act(act).astype(np.float64)
     ref = np.zeros((T, H))
     for p, (e, t) in enumerate(pairs):
@@ -101,7 +101,7 @@ def test_vnni_kernels_equal_the_emulation(gs, shape):
 
 
 @pytest.mark.parametrize("T", [1, 6])
-def test_moe_int8_path_is_close_to_the_float_reference(T):
+def test_moe_int8_path_is_close_to_the_float_reference(T, isa):
     rng = np.random.default_rng(T)
     H, I, E = 512, 256, 6
     src = {e: {"gate": rng.standard_normal((I, H), dtype=np.float32) / np.sqrt(H),

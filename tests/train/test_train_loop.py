@@ -177,3 +177,13 @@ def test_resume_with_other_settings_is_refused(tmp_path, data_dir, capsys):
     assert main(_cli(run, data_dir, "--lr", "0.01")) == 2
     err = capsys.readouterr().err
     assert f"optim.lr was {RECIPES['tiny'].optim.lr}, now 0.01" in err and "new --out" in err
+
+
+def test_bf16_autocast_defaults_to_what_the_cpu_computes(monkeypatch):
+    """A CPU without AVX512-BF16 (Zen 2 here, as Numba's target says) trains in float32 unless told otherwise."""
+    monkeypatch.setenv("NUMBA_CPU_NAME", "znver2")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "-avx512f")
+    assert Schedule().bf16 is False
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx512f,+avx512bf16")
+    assert Schedule().bf16 is True
+    assert Schedule(bf16=False).bf16 is False
