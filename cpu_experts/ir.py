@@ -326,6 +326,11 @@ def _int4_dot(s: str, t: int, isa: str) -> list:
 
 
 def _int4_kernel(name: str, gs: int, nt: int, isa: str) -> str:
+    """The LLVM IR text of one INT4 x int8 row kernel (group size gs, nt tokens per pass, isa's vectors).
+
+    Long: it is one IR template, emitted line by line in the order the instructions run; split into
+    helpers it would lose the one-screen view of the loop that reviewing generated code needs.
+    """
     W = WIDTH[isa]
     nh = 16 // W                                    # vectors per 64-byte chunk
     ns = 128 // gs                                  # scales per 64-byte chunk
@@ -436,6 +441,9 @@ def _emit_call(context, builder, fnames: tuple[str, ...], sig, args, table: bool
     an index into fnames and the call is an LLVM switch over direct calls, one per kernel (static calls,
     the same machine code as an if-chain of calls; an index out of range, or of a kernel whose ISA the
     compile target lacks (not linked), calls nothing).
+
+    Long: the linking, the argument casts and the switch are one llvmlite codegen callback; its steps share
+    the builder's state, so they stay together.
     """
     lib = context.active_code_library
     linked = lib.__dict__.setdefault("_cx_linked", set())    # link each kernel once per library
