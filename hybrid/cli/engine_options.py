@@ -78,3 +78,8 @@ def load_engine(a):
     from hybrid.models.tiny import ensure_default_tiny
     from hybrid.runtime.loader import load_with
     return load_with(a.model or ensure_default_tiny(), runtime_options(a))
+
+
+def startup_summary(engine) -> str:
+    """What `generate` and `serve` print once loaded: the placement plan and the CPU kernels' instruction set."""
+    return f"{engine.plan.describe()}\n  CPU kernels: {engine.stats().cpu_kernels}"

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine
+from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine, startup_summary
 from hybrid.core.sampling import SamplingParams
 
 DEFAULT_PROMPT = "Hello!"
@@ -61,7 +61,7 @@ def cmd_generate(a) -> int:
     sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, seed=a.seed)   # checked before loading
     eng = load_engine(a)
     if not a.json:
-        print(eng.plan.describe(), file=sys.stderr)
+        print(startup_summary(eng), file=sys.stderr)
     tok = eng.tokenizer
     ids = _prompt_ids(a, tok, eng.info.model_dir)
     new = eng.generate(ids, a.max_new_tokens, sampling=sampling)
@@ -75,5 +75,5 @@ def cmd_generate(a) -> int:
     print(f"[hybrid] prefill {s.prefill_tokens} tok at {s.prefill_tokens_per_s:.1f} tok/s, "
           f"decode {s.decode_tokens} tok at {s.decode_tokens_per_s:.1f} tok/s; "
           f"routed experts ({s.experts}): {act.cpu} on CPU, {act.hot_set} in the device hot set, "
-          f"{act.device} on the device (reference); device={s.device}", file=sys.stderr)
+          f"{act.device} on the device (reference); device={s.device}; CPU kernels {s.cpu_kernels}", file=sys.stderr)
     return 0

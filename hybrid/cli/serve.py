@@ -12,7 +12,7 @@ import sys
 
 import uvicorn
 
-from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine, runtime_options
+from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine, runtime_options, startup_summary
 from hybrid.serve.app import DEFAULT_MAX_BODY, create_app
 from hybrid.serve.auth import API_KEY_ENV
 
@@ -90,7 +90,7 @@ def cmd_serve(a) -> int:
     sock = bind(a.host, a.port)
     try:
         engine = load_engine(a)
-        print(engine.plan.describe(), flush=True)
+        print(startup_summary(engine), flush=True)
         app = create_app(engine, a.served_model_name, a.max_queue, int(a.max_body_mb * (1 << 20)), api_key=key)
         host, port = sock.getsockname()[:2]
         print(f"hybrid: serving {a.served_model_name!r} on http://{host}:{port} (OpenAI /v1/chat/completions, "

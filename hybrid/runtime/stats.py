@@ -52,7 +52,7 @@ class KVBlocks:
 @dataclass(frozen=True)
 class EngineStats:
     """Tokens and seconds per phase (see PhaseTimes), tokens/s, routed-expert activations by tier, what ran
-    them (format, dense format, device, CPU kernel path), the expert backend's counters, the scheduler's, the
+    them (format, dense format, device, the CPU kernels' instruction set), the expert backend's counters, the scheduler's, the
     KV pool's and the prefix cache's, and per device of the map its layers, KV bytes and hot-set hits."""
     prefill_tokens: int
     prefill_seconds: float
@@ -66,6 +66,7 @@ class EngineStats:
     experts: str
     dense: str
     device: str
+    cpu_kernels: str                      # the CPU kernels' instruction set: avx512 | avx2 | plain
     expert_backend: ExpertStats
     scheduler: SchedulerState
     kv_blocks: KVBlocks

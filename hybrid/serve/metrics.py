@@ -83,6 +83,8 @@ def prometheus_text(worker, counter: RequestCounter) -> str:
             [({}, pc.hit_tokens)])
     _metric(lines, "tokens_per_second", "gauge", "Engine throughput since start, by phase.",
             [({"phase": "prefill"}, s.prefill_tokens_per_s), ({"phase": "decode"}, s.decode_tokens_per_s)])
+    _metric(lines, "cpu_kernels_info", "gauge", "The instruction set the CPU expert kernels run (avx512, avx2 or "
+            "plain: the slow portable path).", [({"isa": s.cpu_kernels}, 1)])
     _metric(lines, "expert_activations_total", "counter", "Routed-expert activations by where they ran.",
             [({"tier": t}, getattr(act, t)) for t in ("hot_set", "cpu", "device")])
     _metric(lines, "expert_hot_set_hit_rate", "gauge",

@@ -34,3 +34,28 @@ def test_stats_is_a_typed_record_whose_json_keeps_the_documented_keys(tiny_model
             "expert_backend", "scheduler", "kv_blocks", "prefix_cache", "devices"} <= set(d)
     assert d["expert_activations"]["cpu"] == s.expert_activations.cpu and d["scheduler"]["finished"] == 1
     assert d["devices"][0]["kv_bytes"] == eng.kv.nbytes
+
+
+@pytest.mark.parametrize("forced", ["avx2", "plain"])
+def test_the_cpu_kernels_are_named_in_stats_json_summary_and_metrics(tiny_models, forced, monkeypatch, capsys):
+    """Issue 25 item 2: the instruction set chosen is reported everywhere a user looks."""
+    from cpu_experts import ir
+    from hybrid.cli import main
+    if forced == "avx2" and not ir.supported("avx2"):
+        pytest.skip("this CPU lacks AVX2")
+    monkeypatch.setenv("HYBRID_CPU_KERNELS", forced)
+    eng = hybrid.load(tiny_models("k2", "fp8"), device="cpu", prefetch="off")
+    assert eng.stats().cpu_kernels == forced == eng.stats().to_dict()["cpu_kernels"]
+    assert main(["generate", "--model", str(tiny_models("k2", "fp8")), "--prompt-ids", "1,2", "--max-new-tokens",
+                 "2", "--cpu-kernels", forced, "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"CPU kernels: {forced}" in err and f"CPU kernels {forced}" in err
+    from hybrid.serve.metrics import RequestCounter, prometheus_text
+
+    class W:
+        engine_stats, counts = eng.stats(), {k: 0 for k in ("finished", "cancelled", "failed", "prompt_tokens",
+                                                           "completion_tokens")}
+
+        def depth(self):
+            return 0, 0
+    assert f'hybrid_cpu_kernels_info{{isa="{forced}"}} 1' in prometheus_text(W(), RequestCounter())

@@ -125,7 +125,7 @@ class FakeEngine:
         return EngineStats(
             prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, generated_tokens=0, steps=0,
             prefill_tokens_per_s=10.0, decode_tokens_per_s=5.0, expert_activations=ExpertActivations.of(served),
-            experts="fp8", dense="auto", device="cpu", expert_backend=ExpertStats("hybrid", served),
+            experts="fp8", dense="auto", device="cpu", cpu_kernels="avx2", expert_backend=ExpertStats("hybrid", served),
             scheduler=SchedulerState(0, 0, 0, 0, 0, 0),
             kv_blocks=KVBlocks(8, sum(h.status == "running" for h in self._queue), 0, 32),
             prefix_cache=PrefixStats(), devices=())
