@@ -90,3 +90,12 @@ def test_dense_auto_is_resolved_once():
     store = resolve_dense("auto", "int4", "int4")
     assert store.run == "auto" and store.counted == "int4"
     assert resolve_dense("bf16", "torch", "int4").counted == "bf16"
+
+
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "abc", "-0.5/layer", "nan/layer", "1e999GiB"])
+def test_transfer_budget_is_checked_with_or_without_a_hot_set(text):
+    """Issue 28 item 12: --transfer-budget was read only when a hot set existed, so -1, nan, inf and abc
+    passed silently; now the options refuse them whatever the budget."""
+    from hybrid.core.options import RuntimeOptions
+    with pytest.raises(ValueError, match="transfer-budget|out of range"):
+        RuntimeOptions(transfer_budget=text, gpu_expert_budget=0)
