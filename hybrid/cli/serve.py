@@ -10,11 +10,9 @@ import os
 import socket
 import sys
 
-import uvicorn
-
 from hybrid.cli.engine_options import add_engine_options, add_parser, load_engine, runtime_options, startup_summary
-from hybrid.serve.app import DEFAULT_MAX_BODY, create_app
 from hybrid.serve.auth import API_KEY_ENV
+from hybrid.serve.body import DEFAULT_MAX_BODY
 
 
 def add_serve_parser(subparsers) -> None:
@@ -88,6 +86,7 @@ def cmd_serve(a) -> int:
         print(f"hybrid: warning: serving on {a.host} without an API key: anyone who can reach this address can "
               f"use the model. Pass --api-key KEY (or set ${API_KEY_ENV}).", file=sys.stderr, flush=True)
     sock = bind(a.host, a.port)
+    from hybrid.serve.app import create_app        # the web stack and torch: only once the flags and port are good
     try:
         engine = load_engine(a)
         print(startup_summary(engine), flush=True)
@@ -95,20 +94,19 @@ def cmd_serve(a) -> int:
         host, port = sock.getsockname()[:2]
         print(f"hybrid: serving {a.served_model_name!r} on http://{host}:{port} (OpenAI /v1/chat/completions, "
               f"Anthropic /v1/messages){'; API key required' if key else ''}", flush=True)
-        config = uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=a.shutdown_grace_s)
-        _Server(config, a.shutdown_grace_s).run(sockets=[sock])
+        _server(app, a.log_level, a.shutdown_grace_s).run(sockets=[sock])
     finally:
         sock.close()
     return 0
 
 
-class _Server(uvicorn.Server):
-    """uvicorn.Server whose stop signal first drains the app (hybrid/serve/drain.py)."""
+def _server(app, log_level: str, grace_s: float):
+    """A uvicorn.Server whose stop signal first drains the app (hybrid/serve/drain.py); uvicorn is imported
+    here, not when the command line is built."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, grace_s: float):
-        super().__init__(config)
-        self.grace_s = grace_s
-
-    def handle_exit(self, sig, frame) -> None:
-        self.config.app.state.drain.begin(self.grace_s)
-        super().handle_exit(sig, frame)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            self.config.app.state.drain.begin(grace_s)
+            super().handle_exit(sig, frame)
+    return Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace_s))

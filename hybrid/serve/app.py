@@ -38,7 +38,7 @@ from hybrid.serve.anthropic import message_body, parse_messages
 from hybrid.serve.anthropic_sse import message_events
 from hybrid.serve.api import ChatRequest, Generation, parse_chat, parse_completion
 from hybrid.serve.auth import ApiKey
-from hybrid.serve.body import json_body
+from hybrid.serve.body import DEFAULT_MAX_BODY, json_body
 from hybrid.serve.drain import Drain
 from hybrid.serve.errors import ApiError, error_body
 from hybrid.serve.grammar import Constraint, Grammars
@@ -51,7 +51,6 @@ from hybrid.text.chat import encode_chat
 
 BIG_PROMPT_CHARS = 1_000_000     # prompts this long are tokenized on their own one-thread pool
 
-DEFAULT_MAX_BODY = 32 << 20    # K2's 128K-token context is ~0.5 MB of text; 32 MiB leaves room for tool schemas
 
 
 def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,

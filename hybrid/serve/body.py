@@ -14,6 +14,8 @@ import numpy as np
 
 from hybrid.serve.errors import ApiError
 
+DEFAULT_MAX_BODY = 32 << 20    # K2's 128K-token context is ~0.5 MB of text; 32 MiB leaves room for tool schemas
+
 # Deep enough for any real request (tool schemas nest a few tens of levels), far below the recursion limit
 # (1,000) of the json module and of anything that walks the parsed body.
 MAX_NESTING = 128

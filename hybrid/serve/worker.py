@@ -28,13 +28,15 @@ import collections
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.sampler import LogitsProcessor, TokenSample
-from hybrid.runtime.stats import EngineStats
 from hybrid.serve.streaming import Content, Piece, StopMatcher, ToolCallStream
 from hybrid.text.chat import parse_tool_calls
+
+if TYPE_CHECKING:                   # a type only: importing it would pull torch into the CLI's start
+    from hybrid.runtime.stats import EngineStats
 
 # Every Job ever made, while alive: tests check that finished requests leave nothing behind.
 LIVE_JOBS: "weakref.WeakSet[Job]" = weakref.WeakSet()

@@ -104,3 +104,16 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(where, monkeypatch, c
     assert cli.main(["generate", "--model", str(tiny_models("k2", "fp8")), "--prompt-ids", "1"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "hybrid: interrupted"
+
+
+def test_help_and_argument_errors_answer_before_the_heavy_imports():
+    """Issue 28: `hybrid serve --help` took 7 s on a busy machine (torch, FastAPI and the grammar engine imported
+    to build the parser). Building every parser and refusing a bad flag import none of them (the time itself is
+    in BENCHMARKS: tests do not assert on wall-clock time)."""
+    code = ("import sys\nfrom hybrid.cli import build_parser, main\nbuild_parser()\n"
+            "try:\n    main(['serve', '--port', 'x'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'llguidance', 'numba', 'transformers') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]" and "--port" in r.stderr
