@@ -107,6 +107,10 @@ def _server(app, log_level: str, grace_s: float):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:          # a second Ctrl-C: stop now, without uvicorn's cancellation tracebacks
+                print("hybrid: interrupted twice: stopped without waiting for running requests", file=sys.stderr,
+                      flush=True)
+                os._exit(130)
             self.config.app.state.drain.begin(grace_s)
             super().handle_exit(sig, frame)
     return Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace_s))

@@ -332,3 +332,19 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_untokenized(fake_serv
     err = r.json()["error"]
     assert "at least" in err["message"] and "context length" in err["message"]
     assert calls == []                                   # nothing was tokenized
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(monkeypatch, capsys):
+    """Issue 28 item 15: Ctrl-C twice on `hybrid serve` printed two uvicorn tracebacks (its forced exit cancels
+    the running requests' tasks); the second signal now ends the process with one line and code 130."""
+    import types
+    from hybrid.cli import serve as cli_serve
+    drained = []
+    app = types.SimpleNamespace(state=types.SimpleNamespace(drain=types.SimpleNamespace(begin=drained.append)))
+    server = cli_serve._server(app, "warning", 3.0)
+    monkeypatch.setattr(cli_serve.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and drained == [3.0]
+    with pytest.raises(SystemExit) as e:
+        server.handle_exit(signal.SIGINT, None)
+    assert e.value.code == 130 and "interrupted twice" in capsys.readouterr().err and drained == [3.0]
