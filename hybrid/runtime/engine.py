@@ -41,7 +41,7 @@ from cpu_experts.paths import active_isa
 from hybrid.core.errors import NonFiniteOutput
 from hybrid.runtime.device_map import KVPools, device_stats
 from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
-from hybrid.runtime.experts import ExpertBackend
+from hybrid.runtime.experts import ExpertBackend, ExpertStats
 from hybrid.runtime.model import K2Model
 from hybrid.runtime.moe import RouteListeners, RouteObserver
 from hybrid.runtime.sampler import LogitsProcessor, Sampler, TokenSample
@@ -254,7 +254,7 @@ class Engine:
             **asdict(t), prefill_tokens_per_s=_rate(t.prefill_tokens, t.prefill_seconds),
             decode_tokens_per_s=_rate(t.decode_tokens, t.decode_seconds),
             expert_activations=ExpertActivations.of(backend.served), experts=self.info.experts,
-            dense=self.info.dense, device=self.info.plan.device, cpu_kernels=active_isa(), expert_backend=backend,
+            dense=self.info.dense, device=self.info.plan.device, cpu_kernels=_kernels_in_use(backend), expert_backend=backend,
             scheduler=SchedulerState(**asdict(sched.stats), running=len(sched.running), waiting=len(sched.waiting)),
             kv_blocks=KVBlocks(self.blocks.n_blocks, self.blocks.in_use, len(self.blocks.idle), self.blocks.block_size),
             prefix_cache=replace(self.blocks.stats), devices=device_stats(self.model.devices, self.kv, backend))
@@ -353,6 +353,13 @@ class Engine:
 
 def _as_list(ids) -> list[int]:
     return ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+def _kernels_in_use(backend: ExpertStats) -> str:
+    """The CPU kernels' instruction set (avx512 | avx2), or plain when every layer of the CPU experts runs the
+    portable kernels (their sizes are not multiples of the fast kernels' unit, as in the tiny models)."""
+    cpu = backend.cpu
+    return "plain" if cpu is not None and cpu.paths and set(cpu.paths) == {"plain"} else active_isa()
 
 
 def _rate(n: int, s: float) -> float:

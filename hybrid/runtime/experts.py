@@ -66,16 +66,17 @@ class CpuKernelStats:
     tile_experts: int
     seconds: float
     threads: int
+    paths: tuple[str, ...] = ()     # the kernel paths its layers run (cpu_experts.paths), each once
 
     @classmethod
     def of(cls, moe, since: "CpuKernelStats | None" = None) -> "CpuKernelStats":
         """CpuMoE's counters now, minus those of `since` (the counters are cumulative in CpuMoE)."""
         s = moe.stats()
         now = cls(s["calls"], s["tokens"], s["activations"], s["skipped"], s["experts_read"], s["bytes_read"],
-                  s["tile_experts"], s["seconds"], s["threads"])
+                  s["tile_experts"], s["seconds"], s["threads"], tuple(sorted(set(moe.paths().values()))))
         if since is None:
             return now
-        return cls(*(getattr(now, f) - getattr(since, f) for f in _COUNTERS), threads=now.threads)
+        return cls(*(getattr(now, f) - getattr(since, f) for f in _COUNTERS), threads=now.threads, paths=now.paths)
 
 
 _COUNTERS = ("calls", "tokens", "activations", "skipped", "experts_read", "bytes_read", "tile_experts", "seconds")
