@@ -16,7 +16,8 @@ What is measured (each figure is best of a few rounds; the host may be shared):
   per-token rest (embedding, lm_head, sampler).
 The device-side measurements live in hybrid/plan/calibrate_device.py. The result is a JSON file (default
 ~/.cache/hybrid/calibration.json, or $HYBRID_CALIBRATION) read by
-`hybrid plan --machine local` and used to scale predictions for other hardware.
+`hybrid plan --machine local` and used to scale predictions for other hardware. It also records the load
+average at the start and end: figures taken on a busy machine are not saved without --force (see calibrate).
 """
 from __future__ import annotations
 
