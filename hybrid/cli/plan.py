@@ -5,7 +5,8 @@
                 [--hot-set-format auto|packed|bf16] [--transfer-budget auto|0.25/layer|64MiB]
                 [--dense auto|torch|int4|fp8|bf16] [--json]
     hybrid plan --config MODEL_DIR --machine local ...     this machine, as `--calibrate` measured it
-    hybrid plan --calibrate                                 measure this machine (about a minute)
+    hybrid plan --calibrate [--force]                       measure this machine (about a minute; --force: save
+                                                            even when the machine was busy)
 The model behind the numbers: hybrid/plan/perf.py; the presets and their sources: hybrid/plan/hardware.py.
 """
 from __future__ import annotations
@@ -64,6 +65,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--calibration", type=Path, help="calibration file (default ~/.cache/hybrid/calibration.json)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (and time the layers of Kimi K2 and of --config), store it, and exit")
+    p.add_argument("--force", action="store_true",
+                   help="with --calibrate: save the figures even when the machine was busy (other processes' load "
+                        "beyond the free cores above a quarter of the calibration's threads, or the kernels under 20 %% "
+                        "of the read loop); the file is marked as taken under load, and plans that use it warn")
     p.add_argument("--device", default="auto", help="with --calibrate: device to measure (auto, cpu, cuda)")
     p.add_argument("--threads", type=int, help="with --calibrate: kernel threads (default: physical cores)")
     p.add_argument("--pool-gib", type=float, default=2.0, help="with --calibrate: expert pool per format (GiB)")
@@ -88,16 +93,27 @@ def build_machine(a, cfg) -> tuple:
     """(Machine, [Assumption]) from the plan command's arguments: this machine as its calibration measured it
     (--machine local) or presets (--gpus, --cpu ...), then the --gpu-memory ... and --set overrides."""
     from hybrid.plan.assumptions import FixedCosts, LocalMachine
-    from hybrid.plan.calibrate import default_path, load_calibration
+    from hybrid.plan.calibrate import default_path
     from hybrid.plan.hardware import local_machine, with_overrides
     cal_path = a.calibration or default_path()
     if a.machine == "local":
-        m, notes = local_machine(load_calibration(cal_path), cfg, a.format, a.dense), [LocalMachine(cal_path)]
+        m, notes = local_machine(calibration_in_use(cal_path), cfg, a.format, a.dense), [LocalMachine(cal_path)]
     else:
         m, notes = _preset_machine(a, cal_path)
     over, given = _overrides(a)
     m = with_overrides(m, over)
     return m, notes + given + [FixedCosts(m.moe_layer_s, m.dense_layer_s, m.token_s)]
+
+
+def calibration_in_use(cal_path):
+    """The calibration at `cal_path`, with a warning on stderr when it was saved under load (`--force`)."""
+    from hybrid.plan.calibrate import load_calibration
+    cal = load_calibration(cal_path)
+    if cal.load is not None and cal.load.under_load:
+        print(f"hybrid: warning: the calibration {cal_path} was taken under load ({cal.load.busy}) and saved with "
+              f"--force: its figures may be too low; rerun `hybrid plan --calibrate` when the machine is idle",
+              file=sys.stderr)
+    return cal
 
 
 def _preset_machine(a, cal_path) -> tuple:
@@ -137,10 +153,9 @@ def _host(a) -> tuple:
 def _cpu_side(cal_path) -> tuple:
     """(Machine fields of the CPU kernels and fixed costs, CpuFigures saying where they come from)."""
     from hybrid.plan.assumptions import CpuFigures
-    from hybrid.plan.calibrate import load_calibration
     from hybrid.plan.hardware import DEV_CALIBRATION, from_calibration
     if Path(cal_path).is_file():
-        return from_calibration(load_calibration(cal_path)), CpuFigures(cal_path)
+        return from_calibration(calibration_in_use(cal_path)), CpuFigures(cal_path)
     return dict(DEV_CALIBRATION), CpuFigures(None)
 
 
@@ -231,7 +246,7 @@ def _calibrate(a) -> int:
     if str(a.config).lower() != "kimi-k2":
         configs.append(resolve_config(a.config)[0])
     path = calibrate(a.calibration, device=a.device, threads=a.threads, pool_gib=a.pool_gib, configs=configs,
-                     log=lambda s: print(s, file=sys.stderr))
+                     force=a.force, log=lambda s: print(s, file=sys.stderr))
     print(f"calibration stored in {path}; plan this machine with `hybrid plan --config MODEL --machine local`")
     return 0
 

@@ -2,7 +2,8 @@
 
 The file (JSON, written by hybrid/plan/calibrate.py) is read here once, checked field by field: a missing or
 mistyped field is a CalibrationError naming the file, the field and the fix. Fields that files of earlier
-releases lack (memcpy_gbs, h2d_gbs, memory_bytes, join, modules, dense_gbs) are optional here, and nowhere else.
+releases lack (memcpy_gbs, h2d_gbs, memory_bytes, join, modules, dense_gbs, load) are optional here, and nowhere
+else.
 """
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ class ModuleRates:
 
 
 @dataclass(frozen=True)
+class MachineLoad:
+    """The machine's 1-minute load average from other processes when the calibration started and ended (the
+    end's figure less the calibration's own estimated share), its logical cores, and why the figures were taken
+    under load ("" when the machine was idle; a file with a reason was saved with `--force`)."""
+    before: float
+    after: float
+    cores: int
+    busy: str
+
+    @property
+    def under_load(self) -> bool:
+        return bool(self.busy)
+
+
+@dataclass(frozen=True)
 class Calibration:
     created: str
     cpu: str
@@ -82,6 +98,7 @@ class Calibration:
     overheads: Overheads
     serial: float | None                  # overlap of device and CPU-expert work (None: not measured)
     modules: dict[str, ModuleRates]       # by hybrid.plan.calibrate_device.modules_key
+    load: MachineLoad | None = None       # None: a file written before the load was recorded
 
     @classmethod
     def parse(cls, data: object, source: str) -> "Calibration":
@@ -96,7 +113,7 @@ class Calibration:
                    for fmt, f in r.section(cpu, "formats", "cpu_side").items()}
         if not formats:
             raise CalibrationError(f"{source}: cpu_side.formats is empty; run `hybrid plan --calibrate` again")
-        join = data.get("join")
+        join, load = data.get("join"), data.get("load")
         return cls(created=r.text(data, "created"), cpu=r.text(data, "cpu"), threads=int(r.num(data, "threads")),
                    ram_bytes=int(r.num(data, "ram_bytes")), read_gbs=r.num(cpu, "read_gbs", "cpu_side"),
                    formats=formats, device=r.device(dev),
@@ -106,7 +123,8 @@ class Calibration:
                    modules={key: ModuleRates(r.num(m, "attn_gbs", f"modules.{key}"),
                                              r.num(m, "shared_gbs", f"modules.{key}"),
                                              r.num(m, "dense_gbs", f"modules.{key}", optional=True))
-                            for key, m in data.get("modules", {}).items()})
+                            for key, m in data.get("modules", {}).items()},
+                   load=r.load(load) if load is not None else None)
 
 
 class _Reader:
@@ -137,6 +155,12 @@ class _Reader:
         if not isinstance(v, str):
             raise self._bad(f"{where}.{key}" if where else key, "is missing or not a string")
         return v
+
+    def load(self, load: object) -> MachineLoad:
+        if not isinstance(load, dict):
+            raise self._bad("load", "is not an object")
+        return MachineLoad(self.num(load, "before", "load"), self.num(load, "after", "load"),
+                           int(self.num(load, "cores", "load")), self.text(load, "busy", "load"))
 
     def device(self, dev: dict) -> DeviceSide:
         mem = self.num(dev, "memory_bytes", "device_side", optional=True)
