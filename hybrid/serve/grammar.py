@@ -15,13 +15,15 @@ apache-tvm-ffi).
 GrammarMask computes the next mask on a helper thread as soon as the chosen token is accepted, so the host
 work overlaps the engine's next forward step; __call__ only waits for it and applies it. Near the end of
 the token budget it allows only a short way to a complete document (tokens the grammar forces, else the first
-one-byte token in a closing order, `"` `}` `]` `0` then the rest, that changes what may follow), so an answer
-that reaches max_tokens is closed rather than cut off and still parses.
+one-byte token in a closing order, `"` `}` `]` `0` then the rest, that changes what may follow; inside a string
+whose closing quote is not allowed yet, the shortest run of bytes its pattern needs first), so an answer that
+reaches max_tokens is closed rather than cut off and still parses.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ MAX_PARALLEL_CALLS = 8         # calls one forced tool-call section may hold
 _CLOSING_BYTES = b'"}]0'
 _MAX_CLOSING = 256             # tokens a closing path may take before the search gives up
 _MAX_TRIES = 16                # candidates tried for one closing token
+_MAX_REACH = 512               # masks the search for a string's closing quote may compute (~50 us each)
 # Tokens to spare when closing starts: the stop token, and room for free tokens that opened strings or
 # containers since the last search (searched again each time half the remaining slack is used).
 _MARGIN = 8
@@ -355,6 +358,10 @@ class GrammarMask:
         closer = nesting.closer()
         if closer and bits[self.g.one_byte[closer[0]]]:
             return [self.g.one_byte[closer[0]]]
+        if nesting.in_string:
+            way = self._reach(m, nesting, bits)
+            if way:
+                return way
         candidates = [int(t) for t in self.g.order[np.flatnonzero(bits[self.g.order])]]
         for t in candidates[:_MAX_TRIES]:
             trial = m.deep_copy()
@@ -364,6 +371,41 @@ class GrammarMask:
             return candidates[:1]
         other = [int(t) for t in np.flatnonzero(bits[:self.g.ll.vocab_size]) if int(t) not in self.g.stop_ids]
         return other[:1]
+
+    def _reach(self, m, nesting: _JsonNesting, bits: np.ndarray) -> list[int] | None:
+        """The shortest run of one-byte tokens from m's state inside a string (its unpacked mask: bits) after
+        which the string's closing quote is allowed: the bytes its pattern needs first (`"a$"` needs an `a`).
+        Breadth-first over the grammar's states, told apart by their masks, so a byte that only repeats a
+        state is not followed (nor one whose effect the mask does not show yet: `"xyz$"` is not found); None
+        once _MAX_REACH masks were computed."""
+        quote = self.g.one_byte[ord('"')]
+        queue, seen, looked = deque([(m, nesting, bits, [])]), {m.compute_bitmask()}, 0
+        while queue:
+            state, where, allowed, way = queue.popleft()
+            steps = [int(t) for t in self.g.order[np.flatnonzero(allowed[self.g.order])]]
+            after = {t: _fed(where, self.g.token_bytes(t)) for t in steps}
+            done = next((t for t in steps if after[t].closer() == b'"' and not after[t].escape
+                         and state.validate_tokens([t, quote]) == 2), None)
+            if done is not None:
+                return way + [done]
+            for t in steps:
+                if looked >= _MAX_REACH:
+                    return None
+                child = state.deep_copy()
+                child.consume_token(t)
+                key, looked = child.compute_bitmask(), looked + 1
+                if key not in seen:
+                    seen.add(key)
+                    queue.append((child, after[t], np.unpackbits(np.frombuffer(key, np.uint8), bitorder="little"),
+                                  way + [t]))
+        return None
+
+
+def _fed(nesting: _JsonNesting, data: bytes | None) -> _JsonNesting:
+    """A copy of nesting after data."""
+    out = nesting.copy()
+    _feed(out, data)
+    return out
 
 
 def _feed(nesting: _JsonNesting, data: bytes | None) -> None:

@@ -29,6 +29,20 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather-v2", "descriptio
 
 
 # ---- the grammar on its own (no model): every seeded random walk ends in a valid document ---------------
+def _walk(tiny, grammars: Grammars, grammar: str, budget: int, seed: int) -> str:
+    """The text of one seeded walk under the grammar's mask with random logits, stopped at a stop token or
+    the budget (the mask must have closed the document by then)."""
+    tok, gen, mask, out = tiny.tokenizer, torch.Generator().manual_seed(seed), grammars.mask(grammar, budget), []
+    while len(out) < budget:
+        logits = mask(torch.randn(tiny.cfg.vocab_size, generator=gen) * 3)
+        t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        out.append(t)
+        if t in tok.stop_ids:
+            break
+        mask.accept(t)
+    return tok.decode(out, skip_special=True)
+
+
 @pytest.mark.parametrize("constraint,budget", [
     (Constraint(answer=Schema("rf", {"type": "object"})), 24),
     (Constraint(answer=Schema("rf", NESTED)), 48),
@@ -42,15 +56,7 @@ def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, ove
     grammars = Grammars(tok, tiny.cfg.vocab_size, overlap=overlap)
     grammar = grammars.compile(constraint)
     for seed in range(20):
-        gen, mask, out = torch.Generator().manual_seed(seed), grammars.mask(grammar, budget), []
-        while len(out) < budget:
-            logits = mask(torch.randn(tiny.cfg.vocab_size, generator=gen) * 3)
-            t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            out.append(t)
-            if t in tok.stop_ids:
-                break
-            mask.accept(t)
-        text = tok.decode(out, skip_special=True)
+        text = _walk(tiny, grammars, grammar, budget, seed)
         if constraint.call_required or text.startswith("<|tool_calls_section_begin|>"):
             content, calls = parse_tool_calls(text)
             assert content == "" and calls, text
@@ -60,6 +66,25 @@ def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, ove
                 jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
         else:
             jsonschema.validate(json.loads(text), constraint.answer.schema)
+    grammars.close()
+
+
+PATTERNED = {"type": "object", "required": ["id", "n", "day"], "additionalProperties": False, "properties": {
+    "id": {"type": "string", "pattern": "(a+)+$"}, "n": {"type": "integer"},
+    "day": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}}
+
+
+@pytest.mark.parametrize("schema,budgets", [({"type": "string", "pattern": "a$"}, (4, 7, 12)),
+                                            ({"type": "string", "pattern": "(a+)+$"}, (4, 7, 12)),
+                                            ({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, (12, 16)),
+                                            (PATTERNED, (40, 56))])
+def test_pattern_strings_are_closed_not_cut_at_the_budget(tiny, schema, budgets):
+    # issue 28 item 10: the closing search gave up inside a string whose pattern needs bytes before the quote
+    grammars = Grammars(tiny.tokenizer, tiny.cfg.vocab_size, overlap=False)
+    grammar = grammars.compile(Constraint(answer=Schema("rf", schema)))
+    for budget in budgets:
+        for seed in range(12):
+            jsonschema.validate(json.loads(_walk(tiny, grammars, grammar, budget, seed)), schema)
     grammars.close()
 
 
