@@ -15,15 +15,19 @@ apache-tvm-ffi).
 GrammarMask computes the next mask on a helper thread as soon as the chosen token is accepted, so the host
 work overlaps the engine's next forward step; __call__ only waits for it and applies it. Near the end of
 the token budget it allows only a short way to a complete document (tokens the grammar forces, else the first
-one-byte token in a closing order, `"` `}` `]` `0` then the rest, that changes what may follow), so an answer
-that reaches max_tokens is closed rather than cut off and still parses.
+one-byte token in a closing order, `"` `}` `]` `0` then the rest, that changes what may follow; inside a string
+whose closing quote is not allowed yet, the shortest run of bytes its pattern needs first), so an answer that
+reaches max_tokens is closed rather than cut off and still parses. Inside a JSON number the mask also takes out
+tokens that would take it past MAX_INT_DIGITS integer or MAX_EXP_DIGITS exponent digits: llguidance's numbers
+are unbounded, and json.loads reads `1e400` as inf.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llguidance
 import numpy as np
@@ -42,9 +46,14 @@ MAX_PARALLEL_CALLS = 8         # calls one forced tool-call section may hold
 _CLOSING_BYTES = b'"}]0'
 _MAX_CLOSING = 256             # tokens a closing path may take before the search gives up
 _MAX_TRIES = 16                # candidates tried for one closing token
+_MAX_REACH = 512               # masks the search for a string's closing quote may compute (~50 us each)
 # Tokens to spare when closing starts: the stop token, and room for free tokens that opened strings or
 # containers since the last search (searched again each time half the remaining slack is used).
 _MARGIN = 8
+# Bounds on every JSON number written (issue 28): |x| < 10^200 * 10^99 stays far inside float range, where an
+# unbounded exponent gave `-603145e45201412322`, which json.loads reads as -inf.
+MAX_INT_DIGITS = 200
+MAX_EXP_DIGITS = 2
 
 
 @dataclass(frozen=True)
@@ -192,22 +201,59 @@ class Grammars:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass
+class _Number:
+    """The JSON number being written: its integer digits so far, and its exponent digits once `e` came."""
+    digits: int = 0
+    fraction: bool = False
+    exponent: int | None = None
+
+    def feed(self, c: int) -> bool:
+        """Take byte c; False when c is not part of the number (it ended before c)."""
+        if 0x30 <= c <= 0x39:
+            if self.exponent is not None:
+                self.exponent += 1
+            elif not self.fraction:
+                self.digits += 1
+        elif c == 0x2E:                             # .
+            self.fraction = True
+        elif c in (0x65, 0x45):                     # e E
+            self.exponent = 0
+        elif c not in (0x2B, 0x2D):                 # + -
+            return False
+        return True
+
+    def finite(self) -> bool:
+        """Whether the number stays within MAX_INT_DIGITS and MAX_EXP_DIGITS (so float() of it is finite)."""
+        return self.digits <= MAX_INT_DIGITS and (self.exponent or 0) <= MAX_EXP_DIGITS
+
+
 class _JsonNesting:
-    """Where a JSON text stands after the bytes seen so far: inside a string or not, and the containers
-    still open. Tells the closing search which closer comes next; a special token (a tool-call marker)
-    starts a new document."""
+    """Where a JSON text stands after the bytes seen so far: inside a string or not, the containers still
+    open, and the number being written if any. Tells the closing search which closer comes next and the
+    mask which tokens would make a number too large; a special token (a tool-call marker) starts a new
+    document."""
 
     def __init__(self):
         self.stack: list[int] = []
         self.in_string = self.escape = False
+        self.number: _Number | None = None
+        self.too_large = 0                          # bytes written while a number was past _Number.finite
 
     def copy(self) -> "_JsonNesting":
         c = _JsonNesting()
         c.stack, c.in_string, c.escape = list(self.stack), self.in_string, self.escape
+        c.number = replace(self.number) if self.number is not None else None
+        c.too_large = self.too_large
         return c
 
     def feed(self, data: bytes) -> None:
         for c in data:
+            if self.number is not None and not self.number.feed(c):
+                self.number = None
+            if self.number is not None:
+                self.too_large += not self.number.finite()
+                continue
             if self.in_string:
                 if self.escape:
                     self.escape = False
@@ -217,6 +263,9 @@ class _JsonNesting:
                     self.in_string = False
             elif c == 0x22:
                 self.in_string = True
+            elif c == 0x2D or 0x30 <= c <= 0x39:   # - or a digit starts a number
+                self.number = _Number()
+                self.number.feed(c)
             elif c in (0x7B, 0x5B):                 # { [
                 self.stack.append(c)
             elif c in (0x7D, 0x5D) and self.stack:
@@ -313,7 +362,20 @@ class GrammarMask:
         """The next mask into self._bits (on the helper thread; llguidance releases the GIL)."""
         t0 = time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if self._json.number is not None:
+            self._keep_finite()
         self.times.fill += time.perf_counter() - t0
+
+    def _keep_finite(self) -> None:
+        """Take out of self._bits the tokens that would write a number past float range (_Number.finite):
+        the grammar's JSON numbers have no bound on their digits."""
+        words = self._bits.view(np.uint32)
+        allowed = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:self.g.ll.vocab_size])
+        banned = [t for t in allowed.tolist()
+                  if _fed(self._json, self.g.token_bytes(t)).too_large > self._json.too_large]
+        if banned:
+            idx = np.array(banned, dtype=np.int64)
+            np.bitwise_and.at(words, idx >> 5, ~np.left_shift(np.uint32(1), (idx & 31).astype(np.uint32)))
 
     def _forced(self) -> list[int] | None:
         """The only tokens allowed now when the budget forces the document closed, else None."""
@@ -355,6 +417,10 @@ class GrammarMask:
         closer = nesting.closer()
         if closer and bits[self.g.one_byte[closer[0]]]:
             return [self.g.one_byte[closer[0]]]
+        if nesting.in_string:
+            way = self._reach(m, nesting, bits)
+            if way:
+                return way
         candidates = [int(t) for t in self.g.order[np.flatnonzero(bits[self.g.order])]]
         for t in candidates[:_MAX_TRIES]:
             trial = m.deep_copy()
@@ -364,6 +430,41 @@ class GrammarMask:
             return candidates[:1]
         other = [int(t) for t in np.flatnonzero(bits[:self.g.ll.vocab_size]) if int(t) not in self.g.stop_ids]
         return other[:1]
+
+    def _reach(self, m, nesting: _JsonNesting, bits: np.ndarray) -> list[int] | None:
+        """The shortest run of one-byte tokens from m's state inside a string (its unpacked mask: bits) after
+        which the string's closing quote is allowed: the bytes its pattern needs first (`"a$"` needs an `a`).
+        Breadth-first over the grammar's states, told apart by their masks, so a byte that only repeats a
+        state is not followed (nor one whose effect the mask does not show yet: `"xyz$"` is not found); None
+        once _MAX_REACH masks were computed."""
+        quote = self.g.one_byte[ord('"')]
+        queue, seen, looked = deque([(m, nesting, bits, [])]), {m.compute_bitmask()}, 0
+        while queue:
+            state, where, allowed, way = queue.popleft()
+            steps = [int(t) for t in self.g.order[np.flatnonzero(allowed[self.g.order])]]
+            after = {t: _fed(where, self.g.token_bytes(t)) for t in steps}
+            done = next((t for t in steps if after[t].closer() == b'"' and not after[t].escape
+                         and state.validate_tokens([t, quote]) == 2), None)
+            if done is not None:
+                return way + [done]
+            for t in steps:
+                if looked >= _MAX_REACH:
+                    return None
+                child = state.deep_copy()
+                child.consume_token(t)
+                key, looked = child.compute_bitmask(), looked + 1
+                if key not in seen:
+                    seen.add(key)
+                    queue.append((child, after[t], np.unpackbits(np.frombuffer(key, np.uint8), bitorder="little"),
+                                  way + [t]))
+        return None
+
+
+def _fed(nesting: _JsonNesting, data: bytes | None) -> _JsonNesting:
+    """A copy of nesting after data."""
+    out = nesting.copy()
+    _feed(out, data)
+    return out
 
 
 def _feed(nesting: _JsonNesting, data: bytes | None) -> None:

@@ -3,6 +3,8 @@ live server over the tiny random-weight model: its text is noise, so whatever pa
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import jsonschema
 import openai
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from hybrid.core.sampling import SamplingParams
-from hybrid.serve.grammar import Constraint, Grammars, Schema, Tool, lark
+from hybrid.serve.grammar import MAX_INT_DIGITS, Constraint, Grammars, Schema, Tool, lark
 from hybrid.text.chat import encode_chat, parse_tool_calls
 from test_server import CHAT, MODEL, client, real, tiny  # noqa: F401  (real, tiny: fixtures)
 
@@ -29,6 +31,20 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather-v2", "descriptio
 
 
 # ---- the grammar on its own (no model): every seeded random walk ends in a valid document ---------------
+def _walk(tiny, grammars: Grammars, grammar: str, budget: int, seed: int, bias: torch.Tensor | None = None) -> str:
+    """The text of one seeded walk under the grammar's mask with random logits (plus bias), stopped at a stop
+    token or the budget (the mask must have closed the document by then)."""
+    tok, gen, mask, out = tiny.tokenizer, torch.Generator().manual_seed(seed), grammars.mask(grammar, budget), []
+    while len(out) < budget:
+        logits = mask(torch.randn(tiny.cfg.vocab_size, generator=gen) * 3 + (0 if bias is None else bias))
+        t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        out.append(t)
+        if t in tok.stop_ids:
+            break
+        mask.accept(t)
+    return tok.decode(out, skip_special=True)
+
+
 @pytest.mark.parametrize("constraint,budget", [
     (Constraint(answer=Schema("rf", {"type": "object"})), 24),
     (Constraint(answer=Schema("rf", NESTED)), 48),
@@ -42,15 +58,7 @@ def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, ove
     grammars = Grammars(tok, tiny.cfg.vocab_size, overlap=overlap)
     grammar = grammars.compile(constraint)
     for seed in range(20):
-        gen, mask, out = torch.Generator().manual_seed(seed), grammars.mask(grammar, budget), []
-        while len(out) < budget:
-            logits = mask(torch.randn(tiny.cfg.vocab_size, generator=gen) * 3)
-            t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            out.append(t)
-            if t in tok.stop_ids:
-                break
-            mask.accept(t)
-        text = tok.decode(out, skip_special=True)
+        text = _walk(tiny, grammars, grammar, budget, seed)
         if constraint.call_required or text.startswith("<|tool_calls_section_begin|>"):
             content, calls = parse_tool_calls(text)
             assert content == "" and calls, text
@@ -60,6 +68,53 @@ def test_mask_and_closing_keep_random_logits_valid(tiny, constraint, budget, ove
                 jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
         else:
             jsonschema.validate(json.loads(text), constraint.answer.schema)
+    grammars.close()
+
+
+PATTERNED = {"type": "object", "required": ["id", "n", "day"], "additionalProperties": False, "properties": {
+    "id": {"type": "string", "pattern": "(a+)+$"}, "n": {"type": "integer"},
+    "day": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}}
+
+
+@pytest.mark.parametrize("schema,budgets", [({"type": "string", "pattern": "a$"}, (4, 7, 12)),
+                                            ({"type": "string", "pattern": "(a+)+$"}, (4, 7, 12)),
+                                            ({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, (12, 16)),
+                                            (PATTERNED, (40, 56))])
+def test_pattern_strings_are_closed_not_cut_at_the_budget(tiny, schema, budgets):
+    # issue 28 item 10: the closing search gave up inside a string whose pattern needs bytes before the quote
+    grammars = Grammars(tiny.tokenizer, tiny.cfg.vocab_size, overlap=False)
+    grammar = grammars.compile(Constraint(answer=Schema("rf", schema)))
+    for budget in budgets:
+        for seed in range(12):
+            jsonschema.validate(json.loads(_walk(tiny, grammars, grammar, budget, seed)), schema)
+    grammars.close()
+
+
+NUMBERS = {"type": "object", "required": ["x", "ys"], "properties": {
+    "x": {"type": "number"}, "ys": {"type": "array", "items": {"type": "number"}, "minItems": 1}}}
+
+
+@pytest.mark.parametrize("schema,budget", [({"type": "number"}, 16), ({"type": "number"}, 400), (NUMBERS, 48),
+                                           (NUMBERS, 400)])
+@pytest.mark.parametrize("digits_first", [False, True])
+def test_generated_numbers_stay_finite(tiny, schema, budget, digits_first):
+    # issue 28: {"type": "number"} gave -603145e45201412322 (json.loads: -inf); digits_first favours digit
+    # tokens, so long walks write integer parts up to the mask's bound
+    tok = tiny.tokenizer
+    bias = torch.tensor([8.0 * (digits_first and bool(b) and set(b) <= set(b"0123456789"))
+                         for b in (tok.decode_bytes([t]) if t < tok.vocab_size else b"" for t in
+                                   range(tiny.cfg.vocab_size))])
+    grammars = Grammars(tok, tiny.cfg.vocab_size, overlap=False)
+    grammar = grammars.compile(Constraint(answer=Schema("rf", schema)))
+    longest = 0
+    for seed in range(10):
+        numbers: list[str] = []
+        text = _walk(tiny, grammars, grammar, budget, seed, bias)
+        jsonschema.validate(json.loads(text, parse_int=lambda x: numbers.append(x) or int(x),
+                                       parse_float=lambda x: numbers.append(x) or float(x)), schema)
+        assert numbers and all(math.isfinite(float(x)) for x in numbers), text
+        longest = max([longest] + [len(re.match(r"-?([0-9]*)", x)[1]) for x in numbers])
+    assert longest == MAX_INT_DIGITS if digits_first and budget == 400 else longest < MAX_INT_DIGITS
     grammars.close()
 
 
