@@ -15,7 +15,6 @@ intersection: tiktoken's Rust regex supports it; Python's `regex` only with the 
 """
 from __future__ import annotations
 
-import functools
 
 import base64
 import binascii
@@ -183,12 +182,10 @@ class Tokenizer:
         self.eos_id = self.token_id(eos)
         self.im_end_id = self.token_id("<|im_end|>")
         self.stop_ids: tuple[int, ...] = (self.im_end_id, self.eos_id)
-
-    @functools.cached_property
-    def max_token_bytes(self) -> int:
-        """The longest token's byte length: a text of n characters (>= n bytes) makes at least
-        n / max_token_bytes tokens, a bound that needs no tokenizing."""
-        return max(len(self._enc.decode_single_token_bytes(i)) for i in range(self.n_ranks))
+        # The longest text one token stands for, in bytes: a BPE token's bytes or a special token's name (a raw
+        # prompt may spell specials). A text of n characters (>= n bytes) makes at least n / this many tokens,
+        # a bound that needs no tokenizing.
+        self.max_token_bytes = max(max(map(len, ranks)), max((len(s.encode()) for s in specials), default=0))
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":

@@ -237,3 +237,13 @@ def test_malformed_config(tmp_path, tok_dir):
         {"added_tokens_decoder": {"5000": {"content": "[BOS]", "special": True}}}))
     with pytest.raises(ValueError, match="outside the special range"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_max_token_bytes_bounds_every_token_specials_included(tok):
+    """The server refuses a prompt by chars / max_token_bytes before tokenizing it: no token, a special token's
+    name included (a raw prompt may spell them), may stand for more bytes than that."""
+    longest = max(len(tok.decode_bytes([i])) for i in range(tok.n_ranks))
+    assert tok.max_token_bytes >= longest
+    special = max(tok._specials, key=len)
+    text = special * 50
+    assert len(tok.encode(text, allow_special=True)) == 50 >= -(-len(text) // tok.max_token_bytes)
