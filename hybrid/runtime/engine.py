@@ -32,20 +32,20 @@ from pathlib import Path
 
 import torch
 
+from cpu_experts.paths import active_isa
 from hybrid.core.config import ModelConfig
+from hybrid.core.errors import NonFiniteOutput
 from hybrid.core.placement import PlacementPlan
 from hybrid.core.sampling import SamplingParams
 from hybrid.runtime.batch import build_batch
 from hybrid.runtime.blocks import BlockManager
-from cpu_experts.paths import active_isa
-from hybrid.core.errors import NonFiniteOutput
 from hybrid.runtime.device_map import KVPools, device_stats
-from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
 from hybrid.runtime.experts import ExpertBackend, ExpertStats
 from hybrid.runtime.model import K2Model
 from hybrid.runtime.moe import RouteListeners, RouteObserver
 from hybrid.runtime.sampler import LogitsProcessor, Sampler, TokenSample
 from hybrid.runtime.scheduler import FINISHED, Scheduler, Sequence
+from hybrid.runtime.stats import EngineStats, ExpertActivations, KVBlocks, SchedulerState
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,8 @@ class Engine:
             **asdict(t), prefill_tokens_per_s=_rate(t.prefill_tokens, t.prefill_seconds),
             decode_tokens_per_s=_rate(t.decode_tokens, t.decode_seconds),
             expert_activations=ExpertActivations.of(backend.served), experts=self.info.experts,
-            dense=self.info.dense, device=self.info.plan.device, cpu_kernels=_kernels_in_use(backend), expert_backend=backend,
+            dense=self.info.dense, device=self.info.plan.device, cpu_kernels=_kernels_in_use(backend),
+            expert_backend=backend,
             scheduler=SchedulerState(**asdict(sched.stats), running=len(sched.running), waiting=len(sched.waiting)),
             kv_blocks=KVBlocks(self.blocks.n_blocks, self.blocks.in_use, len(self.blocks.idle), self.blocks.block_size),
             prefix_cache=replace(self.blocks.stats), devices=device_stats(self.model.devices, self.kv, backend))

@@ -25,10 +25,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -50,7 +50,6 @@ from hybrid.serve.worker import Job, QueueFull, Worker
 from hybrid.text.chat import encode_chat
 
 BIG_PROMPT_CHARS = 1_000_000     # prompts this long are tokenized on their own one-thread pool
-
 
 
 def create_app(engine, served_model_name: str = "kimi-k2", max_queue: int = 64,
